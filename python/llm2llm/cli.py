@@ -1,0 +1,115 @@
+"""The ``llm2llm`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from .spec import SpecError, load_run
+
+EXIT_INVALID = 2
+
+
+def _validate(args: argparse.Namespace) -> int:
+    try:
+        run = load_run(args.file)
+    except SpecError as err:
+        print(err, file=sys.stderr)
+        return EXIT_INVALID
+    problems = _check_data(run) if args.check_data else []
+    if problems:
+        print(f"{args.file}: invalid AugmentationRun:\n" + "\n".join(f"  - {p}" for p in problems), file=sys.stderr)
+        return EXIT_INVALID
+    print(f"{args.file}: valid AugmentationRun {run.metadata.name!r}")
+    return 0
+
+
+def _check_data(run) -> list[str]:
+    """Local inputs must exist and be readable before anything is launched."""
+    from .data import DataError, load_examples
+    from .runner import localize
+
+    run = localize(run)
+    d = run.spec.data
+    problems = []
+    for field, uri, limit in (("spec.data.seed", d.seed, 1), ("spec.data.test", d.test, 1)):
+        if uri and "://" not in uri:
+            try:
+                load_examples(uri, d.input_field, d.output_field, "check", limit)
+            except DataError as err:
+                problems.append(f"{field}: {err}")
+    return problems
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .runner import LocalRunner, format_table
+
+    try:
+        run = load_run(args.file)
+    except SpecError as err:
+        print(err, file=sys.stderr)
+        return EXIT_INVALID
+    problems = _check_data(run)
+    if problems:
+        print(f"{args.file}: invalid AugmentationRun:\n" + "\n".join(f"  - {p}" for p in problems), file=sys.stderr)
+        return EXIT_INVALID
+    runner = LocalRunner(run, address=args.address)
+    print(f"llm2llm: run {run.metadata.name!r} -> {runner.store.uri()}", flush=True)
+    status = runner.execute()
+    print(format_table(status))
+    print(f"status: {runner.store.uri('status.json')}")
+    return 0 if status.phase in ("Succeeded", "Suspended") else 1
+
+
+def _status(args: argparse.Namespace) -> int:
+    from .runner import format_table
+    from .status import RunStatus
+    from .storage import RunStorage
+
+    uri = args.run_dir.rstrip("/")
+    parent, _, name = uri.rpartition("/")
+    store = RunStorage(parent or ".", name)
+    doc = store.read_json(store.path("status.json"))
+    if doc is None:
+        print(f"{uri}: no status.json (not a run folder, or the run has not started)", file=sys.stderr)
+        return 1
+    status = RunStatus.model_validate(doc)
+    print(json.dumps(doc, indent=2) if args.json else format_table(status))
+    return 0
+
+
+def _crd(args: argparse.Namespace) -> int:
+    from .crd import crd_yaml
+
+    sys.stdout.write(crd_yaml())
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="llm2llm", description="LLM2LLM iterative data augmentation")
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="run an AugmentationRun locally (one Ray job per iteration)")
+    r.add_argument("file")
+    r.add_argument("--address", help="Ray dashboard address of an existing cluster (default: start a local Ray)")
+    r.set_defaults(fn=_run)
+    v = sub.add_parser("validate", help="check a run.yaml; exit code 2 when invalid")
+    v.add_argument("file")
+    v.add_argument("--no-check-data", dest="check_data", action="store_false", help="skip reading local inputs")
+    v.set_defaults(fn=_validate)
+    c = sub.add_parser("crd", help="print the AugmentationRun CustomResourceDefinition")
+    c.set_defaults(fn=_crd)
+    s = sub.add_parser("status", help="print a run's per-iteration table from its folder")
+    s.add_argument("run_dir")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=_status)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,142 @@
+"""Storage layout, atomic writes and stage markers, over fsspec (local folders, s3://, ...).
+
+Layout of one run::
+
+    <output>/<run>/run.json                  the spec the run was started with
+    <output>/<run>/data/{seed,test}.parquet  the inputs, normalised (DATASET schema)
+    <output>/<run>/iter-<i>/<stage>/...      each stage's files
+    <output>/<run>/iter-<i>/<stage>/_DONE.json   the stage's commit marker (written last)
+    <output>/<run>/iter-<i>/_ITERATION.json  the iteration's figures: its commit marker
+    <output>/<run>/status.json               the local runner's copy of the status
+
+A reader trusts a stage only if its marker exists, and a marker is only written after every file of
+the stage is complete. Every file is written to a temporary name and renamed into place (local), or
+put in one request (object stores, where a PUT is atomic), so a crash never leaves a torn file behind
+a marker.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import posixpath
+import uuid
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .status import IterationStatus
+
+MARKER = "_DONE.json"
+ITERATION_MARKER = "_ITERATION.json"
+
+
+class StorageError(RuntimeError):
+    """Output storage cannot be read or written."""
+
+
+class RunStorage:
+    """One run's folder: ``<output>/<run>``."""
+
+    def __init__(self, output: str, run_name: str):
+        self.output = output
+        self.run_name = run_name
+        try:
+            self.fs, base = fsspec.core.url_to_fs(output)
+        except (ImportError, ValueError) as err:
+            raise StorageError(f"unsupported output URI {output!r}: {err}") from err
+        self.root = posixpath.join(base.rstrip("/"), run_name)
+        self.is_local = "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,))
+
+    # --- paths ---------------------------------------------------------------------------------
+    def path(self, *parts: str) -> str:
+        return posixpath.join(self.root, *parts)
+
+    def uri(self, *parts: str) -> str:
+        """A full URI for status and lineage."""
+        p = self.path(*parts)
+        return p if self.is_local else self.fs.unstrip_protocol(p)
+
+    def iter_dir(self, i: int) -> str:
+        return self.path(f"iter-{i}")
+
+    def stage_dir(self, i: int, stage: str) -> str:
+        return self.path(f"iter-{i}", stage)
+
+    # --- atomic writes -------------------------------------------------------------------------
+    def write_bytes(self, path: str, data: bytes) -> None:
+        try:
+            parent = posixpath.dirname(path)
+            self.fs.makedirs(parent, exist_ok=True)
+            if self.is_local:
+                tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
+            else:
+                self.fs.pipe_file(path, data)
+        except OSError as err:
+            raise StorageError(f"cannot write {path}: {err}") from err
+
+    def write_json(self, path: str, obj: Any) -> None:
+        self.write_bytes(path, json.dumps(obj, indent=2, sort_keys=True).encode())
+
+    def read_json(self, path: str) -> Any | None:
+        try:
+            with self.fs.open(path, "rb") as f:
+                return json.loads(f.read())
+        except FileNotFoundError:
+            return None
+        except OSError as err:
+            raise StorageError(f"cannot read {path}: {err}") from err
+
+    def write_table(self, path: str, table: pa.Table) -> None:
+        buf = io.BytesIO()
+        pq.write_table(table, buf, compression="zstd")
+        self.write_bytes(path, buf.getvalue())
+
+    def read_table(self, path: str, schema: pa.Schema | None = None) -> pa.Table:
+        try:
+            with self.fs.open(path, "rb") as f:
+                t = pq.read_table(f)
+        except FileNotFoundError:
+            raise
+        except OSError as err:
+            raise StorageError(f"cannot read {path}: {err}") from err
+        return t.cast(schema) if schema is not None else t
+
+    def exists(self, path: str) -> bool:
+        return self.fs.exists(path)
+
+    # --- markers -------------------------------------------------------------------------------
+    def mark_done(self, i: int, stage: str, info: dict[str, Any]) -> None:
+        self.write_json(posixpath.join(self.stage_dir(i, stage), MARKER), info)
+
+    def stage_done(self, i: int, stage: str) -> dict[str, Any] | None:
+        """The stage's marker, or None when the stage has not committed."""
+        return self.read_json(posixpath.join(self.stage_dir(i, stage), MARKER))
+
+    def write_iteration(self, it: IterationStatus) -> None:
+        self.write_json(posixpath.join(self.iter_dir(it.index), ITERATION_MARKER), it.model_dump(mode="json", by_alias=True))
+
+    def iteration(self, i: int) -> IterationStatus | None:
+        doc = self.read_json(posixpath.join(self.iter_dir(i), ITERATION_MARKER))
+        return IterationStatus.model_validate(doc) if doc is not None else None
+
+    def iterations(self) -> dict[int, IterationStatus]:
+        """Committed iterations, contiguous from 0 (a gap means later ones are not trusted)."""
+        out: dict[int, IterationStatus] = {}
+        i = 0
+        while (it := self.iteration(i)) is not None:
+            out[i] = it
+            i += 1
+        return out
+
+    def delete_all(self) -> None:
+        if self.fs.exists(self.root):
+            self.fs.rm(self.root, recursive=True)
