@@ -17,6 +17,9 @@ from .spec import API_VERSION, CROSS_FIELD_RULES, GROUP, KIND, PLURAL, VERSION, 
 from .status import RunStatus
 
 _DROP = {"title"}
+# Internal mark on object fields whose default is None (``X | None = None``: absent means "off"); such
+# objects must not get a ``{}`` default, or the API server would switch them on. Removed from the output.
+_OFF = "x-llm2llm-off-by-default"
 _PASS = {"description", "default", "enum", "minimum", "maximum", "minLength", "maxLength", "pattern",
          "minItems", "maxItems", "format"}
 
@@ -31,9 +34,13 @@ def _convert(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
         if len(branches) != 1:
             raise ValueError(f"unsupported union in schema: {node}")
         rest = {k: v for k, v in node.items() if k != "anyOf"}
-        if rest.get("default", "x") is None:
+        off = rest.get("default", "x") is None
+        if off:
             rest.pop("default")
-        return _convert({**branches[0], **rest}, defs)
+        out = _convert({**branches[0], **rest}, defs)
+        if off and out["type"] == "object":
+            out[_OFF] = True
+        return out
     if "const" in node:
         node = {**node, "enum": [node["const"]]}
         node.pop("const")
@@ -86,14 +93,24 @@ def _default_empty_objects(node: dict[str, Any]) -> None:
     for prop in node.get("properties", {}).values():
         if prop.get("type") == "object" and "properties" in prop:
             prop.pop("default", None)
-            if not prop.get("required"):
+            if not prop.get("required") and not prop.get(_OFF):
                 prop["default"] = {}
             _default_empty_objects(prop)
+
+
+def _drop_marks(node: dict[str, Any]) -> None:
+    node.pop(_OFF, None)
+    for child in node.get("properties", {}).values():
+        _drop_marks(child)
+    for key in ("items", "additionalProperties"):
+        if isinstance(node.get(key), dict):
+            _drop_marks(node[key])
 
 
 def _spec_schema() -> dict[str, Any]:
     schema = openapi_schema(AugmentationRunSpec)
     _default_empty_objects(schema)
+    _drop_marks(schema)
     schema["x-kubernetes-validations"] = [{"rule": r.cel, "message": r.message} for r in CROSS_FIELD_RULES]
     return schema
 
@@ -110,6 +127,7 @@ def _status_schema() -> dict[str, Any]:
         if isinstance(n.get("additionalProperties"), dict):
             strip(n["additionalProperties"])
     strip(schema)
+    _drop_marks(schema)
     schema["properties"]["conditions"]["x-kubernetes-list-type"] = "map"
     schema["properties"]["conditions"]["x-kubernetes-list-map-keys"] = ["type"]
     return schema
