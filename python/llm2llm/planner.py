@@ -15,7 +15,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Literal, Union
 
 from .spec import AugmentationRunSpec
-from .status import STAGES, TERMINAL, ActiveJob, IterationStatus, JobPhase, JobRecord, RunStatus, now
+from .status import STAGES, TERMINAL, ActiveJob, IterationStatus, JobPhase, JobRecord, RunStatus
 MAX_BACKOFF_SECONDS = 3600
 
 
@@ -141,7 +141,8 @@ def advance(
     events: list[Event] = []
     st.observed_generation = generation
     st.max_iterations = spec.loop.max_iterations
-    st.started_at = st.started_at or now()
+    stamp = observed.now.astimezone(timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+    st.started_at = st.started_at or stamp
 
     # 1. Committed iterations, straight from storage.
     known = {i.index for i in st.iterations}
@@ -155,14 +156,14 @@ def advance(
     # 2. Jobs: what we recorded, updated by what the launcher sees now.
     records = {r.name: r for r in st.jobs}
     for name, ob in observed.jobs.items():
-        rec = records.setdefault(name, JobRecord(name=name, iteration=ob.iteration, attempt=ob.attempt))
+        rec = records.setdefault(name, JobRecord(name=name, iteration=ob.iteration, attempt=ob.attempt, submitted_at=stamp))
         if rec.state not in TERMINAL and ob.phase != rec.state:
             rec.state, rec.message = ob.phase, ob.message
             if ob.phase in TERMINAL:
-                rec.finished_at = now()
+                rec.finished_at = stamp
     for rec in records.values():
         if rec.state not in TERMINAL and rec.name not in observed.jobs:
-            rec.state, rec.message, rec.finished_at = "Missing", "the job is gone and left no result", now()
+            rec.state, rec.message, rec.finished_at = "Missing", "the job is gone and left no result", stamp
     for rec in records.values():
         # A job that exits 0 but never committed its iteration did not succeed.
         if rec.state == "Succeeded" and rec.iteration not in observed.iterations:
@@ -179,7 +180,7 @@ def advance(
     reason = stop_reason(spec, done)
     if reason is not None:
         st.current_iteration = n - 1
-        return _finish(st, "Succeeded", reason, _success_message(reason, done), generation, events)
+        return _finish(st, "Succeeded", reason, _success_message(reason, done), generation, events, stamp)
 
     mine = [r for r in st.jobs if r.iteration == n]
     running = [r for r in mine if r.state not in TERMINAL]
@@ -197,6 +198,8 @@ def advance(
         if status.phase != "Suspended":
             events.append(Event("Suspended", "run suspended"))
         if active:
+            _end(active, "Suspended", "stopped because the run was suspended", stamp)
+            st.active_job = None
             return st, Stop(active.name, "Suspended"), events
         return st, Idle("Suspended"), events
     if st.condition("Suspended") is not None:
@@ -206,30 +209,37 @@ def advance(
     if active:
         deadline = spec.active_deadline_seconds
         if deadline and observed.now - _parse_time(active.submitted_at) > timedelta(seconds=deadline):
+            _end(active, "Failed", f"DeadlineExceeded: ran longer than activeDeadlineSeconds ({deadline}s)", stamp)
+            events.append(Event("JobFailed", f"{active.name}: activeDeadlineSeconds exceeded", True))
             return _running(st, n, generation, f"{active.name} passed activeDeadlineSeconds"), Stop(active.name, "DeadlineExceeded"), events
         return _running(st, n, generation, f"iteration {n} attempt {active.attempt}: {st.stage or 'starting'}"), Wait(active.name, n, active.attempt), events
 
-    attempts = max((r.attempt for r in mine), default=0)
-    if attempts >= spec.retry.max_attempts:
+    attempts = max((r.attempt for r in mine), default=0)  # names stay unique across suspends
+    failed = [r for r in mine if r.state in ("Failed", "Missing")]
+    if len(failed) >= spec.retry.max_attempts:
+        last = failed[-1]
+        msg = f"iteration {n} failed {len(failed)} time(s); last: {last.name}: {last.message}"
+        return _finish(st, "Failed", "IterationFailed", msg, generation, events, stamp)
+    if mine and mine[-1].state in ("Failed", "Missing"):
         last = mine[-1]
-        msg = f"iteration {n} failed {attempts} time(s); last: {last.name}: {last.message}"
-        return _finish(st, "Failed", "IterationFailed", msg, generation, events)
-    if attempts:
-        last = mine[-1]
-        wait = min(spec.retry.backoff_seconds * 2 ** (attempts - 1), MAX_BACKOFF_SECONDS)
+        wait = min(spec.retry.backoff_seconds * 2 ** (len(failed) - 1), MAX_BACKOFF_SECONDS)
         until = _parse_time(last.finished_at or last.submitted_at) + timedelta(seconds=wait)
         st.retry_after = until.replace(microsecond=0).isoformat().replace("+00:00", "Z")
         if observed.now < until:
             st = _running(st, n, generation, f"iteration {n} attempt {attempts} failed; retrying at {st.retry_after}", reason="BackingOff")
             return st, Backoff(n, attempts + 1, until), events
-        events.append(Event("Retrying", f"iteration {n}: attempt {attempts + 1} of {spec.retry.max_attempts}", True))
+        events.append(Event("Retrying", f"iteration {n}: retry {len(failed)} of {spec.retry.max_attempts - 1}", True))
     st.retry_after = None
     name = job_name(run_name, run_uid, n, attempts + 1)
-    st.jobs.append(JobRecord(name=name, iteration=n, attempt=attempts + 1))
-    st.active_job = ActiveJob(name=name, iteration=n, attempt=attempts + 1)
+    st.jobs.append(JobRecord(name=name, iteration=n, attempt=attempts + 1, submitted_at=stamp))
+    st.active_job = ActiveJob(name=name, iteration=n, attempt=attempts + 1, submitted_at=stamp)
     st.stage = None
     events.append(Event("IterationStarted", f"iteration {n} attempt {attempts + 1}: job {name}"))
     return _running(st, n, generation, f"iteration {n} attempt {attempts + 1} submitted"), Launch(n, attempts + 1, name), events
+
+
+def _end(rec: JobRecord, state: str, message: str, stamp: str) -> None:
+    rec.state, rec.message, rec.finished_at = state, message, stamp
 
 
 def _stage(done: tuple[str, ...]) -> str | None:
@@ -246,7 +256,8 @@ def _running(st: RunStatus, n: int, generation: int | None, message: str, reason
     return st
 
 
-def _finish(st: RunStatus, phase: str, reason: str, message: str, generation: int | None, events: list[Event]) -> tuple[RunStatus, Action, list[Event]]:
+def _finish(st: RunStatus, phase: str, reason: str, message: str, generation: int | None, events: list[Event],
+            stamp: str) -> tuple[RunStatus, Action, list[Event]]:
     first = st.phase != phase
     st.phase = phase  # type: ignore[assignment]
     st.stop_reason = reason
@@ -254,7 +265,7 @@ def _finish(st: RunStatus, phase: str, reason: str, message: str, generation: in
     st.stage = None
     st.retry_after = None
     st.iteration_label = f"{len(st.iterations)}/{st.max_iterations}"
-    st.finished_at = st.finished_at or now()
+    st.finished_at = st.finished_at or stamp
     st.set_condition("Progressing", False, reason, message, generation)
     st.set_condition("Succeeded", phase == "Succeeded", reason, message, generation)
     st.set_condition("Failed", phase == "Failed", reason, message, generation)

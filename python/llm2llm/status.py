@@ -65,7 +65,8 @@ class IterationStatus(_Model):
 
 
 JobPhase = Literal["Pending", "Running", "Succeeded", "Failed", "Missing"]
-TERMINAL = ("Succeeded", "Failed", "Missing")
+# "Suspended": stopped because the run was suspended; it does not use up one of the retry attempts.
+TERMINAL = ("Succeeded", "Failed", "Missing", "Suspended")
 
 
 class JobRecord(_Model):

@@ -117,7 +117,7 @@ def test_stop_reasons():
     assert stop_reason(budget, [used]) == "TeacherBudget"
 
 
-def test_suspend_stops_the_running_job_and_resume_relaunches():
+def test_suspend_stops_the_running_job_and_resume_relaunches_without_using_an_attempt():
     sp = spec()
     st, launch, _ = step(sp, RunStatus())
     suspended = spec(suspend=True)
@@ -125,12 +125,24 @@ def test_suspend_stops_the_running_job_and_resume_relaunches():
     assert isinstance(action, Stop) and action.name == launch.name
     assert st.phase == "Suspended" and st.condition("Suspended").status == "True"
     st, action, _ = step(suspended, st, jobs={launch.name: JobObservation(0, 1, "Failed", "stopped")})
-    assert isinstance(action, Idle)
+    assert isinstance(action, Idle) and st.jobs[0].state == "Suspended"
+    # Resuming launches at once (no backoff) under a new name; suspends never exhaust maxAttempts (2).
+    for attempt in (2, 3, 4):
+        st, action, _ = step(sp, st)
+        assert isinstance(action, Launch) and action.attempt == attempt
+        assert st.condition("Suspended").status == "False"
+        st, action, _ = step(suspended, st, jobs={action.name: JobObservation(0, attempt, "Running")})
+        assert isinstance(action, Stop)
 
 
 def test_deadline_stops_a_job():
     sp = spec(activeDeadlineSeconds=60)
     st, launch, _ = step(sp, RunStatus())
     late = datetime.now(timezone.utc) + timedelta(seconds=120)
-    _, action, _ = step(sp, st, jobs={launch.name: JobObservation(0, 1, "Running")}, now=late)
+    st, action, events = step(sp, st, jobs={launch.name: JobObservation(0, 1, "Running")}, now=late)
     assert isinstance(action, Stop) and action.reason == "DeadlineExceeded"
+    assert st.jobs[0].state == "Failed" and "DeadlineExceeded" in st.jobs[0].message
+    assert any(e.reason == "JobFailed" for e in events)
+    # The stopped attempt counts: the next step backs off before attempt 2.
+    _, action, _ = step(sp, st, now=late)
+    assert isinstance(action, Backoff) and action.attempt == 2
