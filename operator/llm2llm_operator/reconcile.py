@@ -20,7 +20,7 @@ from kubernetes.client.exceptions import ApiException
 from llm2llm.launch import JobsApiLauncher, entrypoint, job_env
 from llm2llm.planner import Action, Event, Idle, JobObservation, Launch, Observed, Stop, advance
 from llm2llm.spec import GROUP, PLURAL, VERSION, AugmentationRunSpec, SpecError, parse_spec
-from llm2llm.status import STAGES, TERMINAL, RunStatus, now
+from llm2llm.status import STAGES, TERMINAL, RunStatus
 from llm2llm.storage import RunStorage, StorageError
 
 from .rayjob import RayJobLauncher, TemplateError, parse_cluster_template, rayjob_manifest
@@ -256,12 +256,7 @@ def _carry_out(action: Action, target: _Target, body: dict[str, Any], new: RunSt
             target.launcher.stop(action.name)
         except (*_K8S_ERRORS, *_RAY_ERRORS) as err:
             raise Transient(f"cannot stop job {action.name}: {err}") from err
-        # The attempt is over (as a stopped Ray job reads FAILED): record it, so the planner does not
-        # later take the vanished job for one that died without a trace.
-        for rec in new.jobs:
-            if rec.name == action.name and rec.state not in TERMINAL:
-                rec.state, rec.message, rec.finished_at = "Failed", f"stopped by the operator: {action.reason}", now()
-        new.active_job = None
+        # The planner already recorded how this attempt ended (Suspended, or Failed by deadline).
         events.append(Event("JobStopped", f"{action.name}: {action.reason}", warning=action.reason != "Suspended"))
     return False
 
