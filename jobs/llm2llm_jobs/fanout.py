@@ -1,0 +1,107 @@
+"""Fan a stage out over Ray workers, and the functions those workers run.
+
+Inference and teaching run as Ray tasks, one per replica, each with the GPUs its engine needs. A task
+runs in a fresh worker process (``max_calls=1``) so an engine's memory is returned when it ends, and a
+replica that crashes is retried by Ray (``max_retries``) without touching the other shards.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+from typing import Any
+
+from llm2llm.spec import AugmentationRunSpec
+from llm2llm.tasks import Task
+
+log = logging.getLogger(__name__)
+
+
+def _call(path: str, kwargs: dict[str, Any]) -> Any:
+    module, fn = path.split(":")
+    return getattr(importlib.import_module(module), fn)(**kwargs)
+
+
+def run_tasks(path: str, calls: list[dict[str, Any]], *, gpus: float = 0, cpus: float = 1, retries: int = 2) -> list[Any]:
+    """Run ``module:function`` once per kwargs dict, in parallel Ray tasks when Ray is up; results in
+    call order. Without Ray (unit tests, a plain process) the calls run here, one after another."""
+    import ray
+
+    if not ray.is_initialized():
+        return [_call(path, kw) for kw in calls]
+    # max_calls is a decoration-time setting (Ray refuses it in .options()).
+    remote = ray.remote(max_calls=1)(_call).options(num_cpus=cpus, num_gpus=gpus, max_retries=retries,
+                                                    retry_exceptions=False)
+    return ray.get([remote.remote(path, kw) for kw in calls])
+
+
+def shards(items: list, n: int) -> list[list]:
+    """Split into at most n contiguous, nearly equal, non-empty shards (order is kept)."""
+    n = max(1, min(n, len(items)))
+    size, extra = divmod(len(items), n)
+    out, start = [], 0
+    for k in range(n):
+        end = start + size + (1 if k < extra else 0)
+        out.append(items[start:end])
+        start = end
+    return [s for s in out if s]
+
+
+# --- worker functions ----------------------------------------------------------------------------
+
+def infer_shard(model_path: str, prompts: list[str], adapter_path: str | None, max_tokens: int, backend: str,
+                batch_size: int) -> tuple[list[str], str]:
+    from .infer import generate
+
+    return generate(model_path, prompts, adapter_path=adapter_path, max_tokens=max_tokens, backend=backend,
+                    batch_size=batch_size)
+
+
+def teach_shard(spec: dict, model_path: str | None, failures: list[dict], existing: list[str], held_out: list[str],
+                iteration: int, shard: int, token_budget: int | None, api_key_env: str) -> dict[str, Any]:
+    """Ask the teacher for samplesPerFailure new examples per failure, in bounded rounds: a failure whose
+    candidates were all rejected is asked again, up to teacher.maxRounds. Returns GENERATED rows (every
+    candidate, kept or not: the filter stage makes the final, deterministic call) and token counts."""
+    from . import filter as flt
+    from .teach import make_teacher
+
+    run = AugmentationRunSpec.model_validate(spec)
+    t, task = run.teacher, Task(run.task)
+    api_key = os.environ.get(api_key_env) or None
+    teacher = make_teacher(t, model_path, api_key)
+    judge = flt.CandidateFilter(task, run.filters, t.samples_per_failure, existing=existing, held_out=held_out)
+    need = {f["id"]: t.samples_per_failure for f in failures}
+    rows: list[dict] = []
+    prompt_tokens = completion_tokens = 0
+    stopped = None
+    try:
+        for round_ in range(t.max_rounds):
+            pending = [f for f in failures if need[f["id"]] > 0]
+            if not pending:
+                break
+            if token_budget is not None and prompt_tokens + completion_tokens >= token_budget:
+                stopped = "TeacherBudget"
+                break
+            convs = [
+                task.teacher_messages(f["input"], f["output"], need[f["id"]],
+                                      f["prediction"] if t.show_student_answer else None)
+                for f in pending
+            ]
+            seed = run.student.training.seed * 1_000_003 + iteration * 1009 + shard * 101 + round_
+            outputs = teacher.complete(convs, n=1, temperature=t.temperature, top_p=t.top_p,
+                                       max_tokens=t.max_tokens, seed=seed)
+            for f, completions in zip(pending, outputs):
+                for c in completions:
+                    prompt_tokens += c.prompt_tokens
+                    completion_tokens += c.completion_tokens
+                    for cand in flt.candidates_from_completion(c.text, f["id"], round_, t.model, task.prompt_hash(),
+                                                               iteration, c.prompt_tokens, c.completion_tokens):
+                        rows.append(cand)
+                        if cand["parse_error"] is None and judge.judge(f["id"], cand["input"], judge.clean(cand["output"])) is None:
+                            need[f["id"]] -= 1
+    finally:
+        teacher.close()
+    log.info("teach shard %d: %d candidates, %d prompt + %d completion tokens", shard, len(rows), prompt_tokens,
+             completion_tokens)
+    return {"rows": rows, "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "stopped": stopped}

@@ -1,0 +1,312 @@
+"""One LLM2LLM iteration: the Ray job entrypoint.
+
+    python -m llm2llm_jobs.iteration --run <base64 JSON {name, uid, spec}> --iteration I --attempt A
+
+Stages run in order: prepare, train, infer, score, teach, filter, merge. Each writes its files, then its
+``_DONE.json`` marker; a re-run (a retried attempt) skips every stage whose marker exists, so a finished
+training is never redone. The iteration's figures go last into ``iter-<i>/_ITERATION.json``, which is
+what the operator and the local runner read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from llm2llm.data import load_examples
+from llm2llm.launch import API_KEY_ENV, decode_run
+from llm2llm.planner import stop_reason
+from llm2llm.schemas import DATASET, GENERATED, PREDICTIONS, SCORED, table
+from llm2llm.spec import AugmentationRunSpec, spec_to_wire
+from llm2llm.status import IterationStatus, TokenCounts, now
+from llm2llm.storage import RunStorage
+from llm2llm.tasks import Task
+
+from . import fanout
+from . import filter as flt
+
+log = logging.getLogger("llm2llm_jobs.iteration")
+
+
+class Iteration:
+    def __init__(self, name: str, uid: str, spec: AugmentationRunSpec, index: int, attempt: int, scratch: Path):
+        self.name, self.uid, self.spec, self.i, self.attempt = name, uid, spec, index, attempt
+        self.store = RunStorage(spec.output, name)
+        self.task = Task(spec.task)
+        self.scratch = scratch
+        self.timings: dict[str, float] = {}
+
+    # --- helpers -----------------------------------------------------------------------------
+    def _stage(self, stage: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        """Run a stage unless its marker exists; the marker (with the stage's figures) is the commit."""
+        done = self.store.stage_done(self.i, stage)
+        if done is not None:
+            log.info("iteration %d: %s already done, skipping", self.i, stage)
+            return done
+        log.info("iteration %d: %s started", self.i, stage)
+        t0 = time.monotonic()
+        info = fn()
+        info["seconds"] = round(time.monotonic() - t0, 3)
+        info["attempt"] = self.attempt
+        info["finished_at"] = now()
+        self.store.mark_done(self.i, stage, info)
+        log.info("iteration %d: %s done in %.1fs", self.i, stage, info["seconds"])
+        return info
+
+    def _path(self, stage: str, file: str) -> str:
+        return f"{self.store.stage_dir(self.i, stage)}/{file}"
+
+    def _local_dir(self, remote: str, name: str) -> str:
+        """A local copy of a storage folder (no copy for local storage)."""
+        if self.store.is_local:
+            return remote
+        dest = self.scratch / name
+        if not dest.exists():
+            self.store.fs.get(remote, str(dest), recursive=True)
+        return str(dest)
+
+    def _train_table(self) -> pa.Table:
+        if self.i == 0:
+            return self.store.read_table(self.store.path("data", "seed.parquet"), DATASET)
+        return self.store.read_table(f"{self.store.stage_dir(self.i - 1, 'merge')}/train.parquet", DATASET)
+
+    def _gpus(self) -> int:
+        return self.spec.student.gpus_per_worker
+
+    # --- stages ------------------------------------------------------------------------------
+    def prepare(self) -> dict[str, Any]:
+        info: dict[str, Any] = {}
+        if self.i == 0:
+            d = self.spec.data
+            seed = load_examples(d.seed, d.input_field, d.output_field, "seed", d.seed_limit)
+            self.store.write_table(self.store.path("data", "seed.parquet"), seed)
+            info["seed_rows"] = seed.num_rows
+            if d.test:
+                test = load_examples(d.test, d.input_field, d.output_field, "test", d.test_limit)
+                self.store.write_table(self.store.path("data", "test.parquet"), test)
+                info["test_rows"] = test.num_rows
+        info["train_rows"] = self._train_table().num_rows
+        return info
+
+    def train(self) -> dict[str, Any]:
+        from .models import resolve_model
+        from .train import TrainConfig, run_train
+
+        rows = self._train_table()
+        pairs = pa.table(
+            {
+                "prompt": [self.task.prompt(x) for x in rows.column("input").to_pylist()],
+                "target": [self.task.target(y) for y in rows.column("output").to_pylist()],
+            }
+        )
+        work = self.scratch / "train"
+        work.mkdir(parents=True, exist_ok=True)
+        data_path = work / "train.parquet"
+        import pyarrow.parquet as pq
+
+        pq.write_table(pairs, data_path)
+        out = work / "model"
+        cfg = TrainConfig.from_spec(
+            self.spec.student, resolve_model(self.spec.student.model), str(data_path), str(out), str(work / "ray")
+        )
+        result = run_train(cfg)
+        remote = self._path("train", "model")
+        if self.store.is_local:
+            # Rename into place: a half-copied model can never sit behind a marker.
+            if Path(remote).exists():
+                shutil.rmtree(remote)
+            Path(remote).parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(out), remote)
+        else:
+            self.store.fs.put(str(out), remote, recursive=True)
+        return {"rows": rows.num_rows, "model": self.store.uri("iter-" + str(self.i), "train", "model"), **_dump(result)}
+
+    def infer(self) -> dict[str, Any]:
+        from .models import resolve_model
+
+        base = resolve_model(self.spec.student.model)
+        trained = self._local_dir(self._path("train", "model"), f"model-{self.i}")
+        rows = [("seed", r) for r in self.store.read_table(self.store.path("data", "seed.parquet"), DATASET).to_pylist()]
+        if self.spec.data.test:
+            test = self.store.read_table(self.store.path("data", "test.parquet"), DATASET)
+            rows += [("test", r) for r in test.to_pylist()]
+        inf = self.spec.infer
+        parts = fanout.shards(rows, inf.replicas)
+        results = fanout.run_tasks(
+            "llm2llm_jobs.fanout:infer_shard",
+            [dict(model_path=base, prompts=[self.task.prompt(r["input"]) for _, r in part], adapter_path=trained,
+                  max_tokens=inf.max_tokens, backend=inf.backend, batch_size=inf.batch_size) for part in parts],
+            gpus=1 if self._gpus() else 0,
+        )
+        out = []
+        for part, (texts, backend) in zip(parts, results):
+            out += [{"id": r["id"], "split": split, "input": r["input"], "output": r["output"], "prediction": t,
+                     "iteration": self.i, "backend": backend} for (split, r), t in zip(part, texts)]
+        preds = table(out, PREDICTIONS)
+        self.store.write_table(self._path("infer", "predictions.parquet"), preds)
+        return {"rows": preds.num_rows, "replicas": len(parts), "backend": ",".join(sorted({b for _, b in results}))}
+
+    def score(self) -> dict[str, Any]:
+        preds = self.store.read_table(self._path("infer", "predictions.parquet"), PREDICTIONS)
+        scored, metrics = flt.score(self.task, preds)
+        self.store.write_table(self._path("score", "scored.parquet"), scored)
+        return metrics
+
+    def teach(self, scored: pa.Table, train_rows: pa.Table) -> dict[str, Any]:
+        from .models import resolve_model
+
+        t = self.spec.teacher
+        failures = scored.filter(pc.and_(pc.equal(scored["split"], "seed"), pc.invert(scored["correct"]))).to_pylist()
+        model_path = resolve_model(t.model) if t.kind in ("vllm", "hf") else None
+        existing, held_out = train_rows.column("input").to_pylist(), self._held_out_inputs()
+        budget = self._teacher_budget_left()
+        groups = fanout.shards(failures, t.replicas)
+        share = None if budget is None else budget // max(len(groups), 1)
+        # Each replica's output is its own committed file: a retried job redoes only missing shards.
+        todo = [k for k in range(len(groups)) if not self.store.exists(self._path("teach", f"shard-{k}.json"))]
+        results = fanout.run_tasks(
+            "llm2llm_jobs.fanout:teach_shard",
+            [dict(spec=self.spec.model_dump(mode="json", by_alias=True), model_path=model_path, failures=groups[k],
+                  existing=existing, held_out=held_out, iteration=self.i, shard=k, token_budget=share,
+                  api_key_env=API_KEY_ENV) for k in todo],
+            gpus=t.tensor_parallel if self._gpus() else 0,
+        )
+        for k, res in zip(todo, results):
+            self.store.write_table(self._path("teach", f"shard-{k}.parquet"), table(res.pop("rows"), GENERATED))
+            self.store.write_json(self._path("teach", f"shard-{k}.json"), res)
+        rows, totals = [], {"prompt_tokens": 0, "completion_tokens": 0, "stopped": None}
+        for k in range(len(groups)):
+            rows.append(self.store.read_table(self._path("teach", f"shard-{k}.parquet"), GENERATED))
+            res = self.store.read_json(self._path("teach", f"shard-{k}.json"))
+            totals["prompt_tokens"] += res["prompt_tokens"]
+            totals["completion_tokens"] += res["completion_tokens"]
+            totals["stopped"] = totals["stopped"] or res["stopped"]
+        gen = pa.concat_tables(rows) if rows else GENERATED.empty_table()
+        self.store.write_table(self._path("teach", "generated.parquet"), gen)
+        return {"failures": len(failures), "replicas": len(groups), "candidates": gen.num_rows, **totals}
+
+    def filter(self, train_rows: pa.Table) -> dict[str, Any]:
+        gen = self.store.read_table(self._path("teach", "generated.parquet"), GENERATED)
+        cf = flt.CandidateFilter(self.task, self.spec.filters, self.spec.teacher.samples_per_failure,
+                                 existing=train_rows.column("input").to_pylist(), held_out=self._held_out_inputs())
+        kept, rejected, reasons = flt.filter_candidates(cf, gen, self.spec.teacher.model, self.task.prompt_hash(), self.i)
+        self.store.write_table(self._path("filter", "kept.parquet"), kept)
+        self.store.write_table(self._path("filter", "rejected.parquet"), rejected)
+        generated = gen.num_rows
+        return {"generated": generated, "kept": kept.num_rows, "rejected": reasons}
+
+    def merge(self, train_rows: pa.Table) -> dict[str, Any]:
+        kept = self.store.read_table(self._path("filter", "kept.parquet"), DATASET)
+        merged = pa.concat_tables([train_rows, kept])
+        ids = merged.column("id").to_pylist()
+        if len(set(ids)) != len(ids):
+            raise RuntimeError("merge would duplicate rows: the filter must have dropped them")
+        self.store.write_table(self._path("merge", "train.parquet"), merged)
+        return {"rows": merged.num_rows, "added": kept.num_rows}
+
+    def _held_out_inputs(self) -> list[str]:
+        if not (self.spec.data.test and self.spec.filters.decontaminate):
+            return []
+        return self.store.read_table(self.store.path("data", "test.parquet"), DATASET).column("input").to_pylist()
+
+    def _teacher_budget_left(self) -> int | None:
+        cap = self.spec.budget.teacher_tokens
+        if cap is None:
+            return None
+        used = sum(it.tokens.teacher_prompt + it.tokens.teacher_completion for it in self.store.iterations().values())
+        return max(cap - used, 0)
+
+    # --- the iteration -----------------------------------------------------------------------
+    def run(self) -> IterationStatus:
+        existing = self.store.iteration(self.i)
+        if existing is not None:
+            log.info("iteration %d already committed; nothing to do", self.i)
+            return existing
+        previous = self.store.iterations()
+        if len(previous) != self.i:
+            raise RuntimeError(f"iteration {self.i} cannot start: {len(previous)} iteration(s) committed")
+        if self.i == 0 and not self.store.exists(self.store.path("run.json")):
+            self.store.write_json(self.store.path("run.json"), {"name": self.name, "uid": self.uid,
+                                                                "spec": spec_to_wire(self.spec)})
+        started = now()
+        prep = self._stage("prepare", self.prepare)
+        train = self._stage("train", self.train)
+        self._stage("infer", self.infer)
+        sc = self._stage("score", self.score)
+        it = IterationStatus(
+            index=self.i, attempt=self.attempt, train_rows=prep["train_rows"], train_steps=train.get("steps", 0),
+            train_loss=train.get("loss"), seed_accuracy=sc.get("seed_accuracy"), test_accuracy=sc.get("test_accuracy"),
+            failures=sc.get("seed_failures", 0), tokens_per_second=train.get("tokens_per_second"), mfu=train.get("mfu"),
+            gpu_seconds=train.get("gpu_seconds", 0.0), job=os.environ.get("RAY_JOB_SUBMISSION_ID") or None,
+            started_at=started,
+        )
+        it.tokens = TokenCounts(trained=train.get("tokens", 0))
+        reason = stop_reason(self.spec, [*previous.values(), it])
+        if reason is None:
+            train_rows = self._train_table()
+            scored = self.store.read_table(self._path("score", "scored.parquet"), SCORED)
+            teach = self._stage("teach", lambda: self.teach(scored, train_rows))
+            filt = self._stage("filter", lambda: self.filter(train_rows))
+            self._stage("merge", lambda: self.merge(train_rows))
+            it.generated, it.kept, it.rejected = filt["generated"], filt["kept"], filt["rejected"]
+            it.tokens.teacher_prompt = teach.get("prompt_tokens", 0)
+            it.tokens.teacher_completion = teach.get("completion_tokens", 0)
+            it.gpu_seconds += teach.get("gpu_seconds", 0.0)
+            if teach.get("stopped"):
+                it.stop_reason = teach["stopped"]
+        else:
+            it.stop_reason = reason
+        for stage in ("prepare", "train", "infer", "score", "teach", "filter", "merge"):
+            marker = self.store.stage_done(self.i, stage)
+            if marker is not None:
+                it.seconds[stage] = marker["seconds"]
+                it.datasets[stage] = self.store.uri(f"iter-{self.i}", stage)
+        it.finished_at = now()
+        self.store.write_iteration(it)
+        return it
+
+
+def _dump(result: Any) -> dict[str, Any]:
+    if hasattr(result, "model_dump"):
+        return result.model_dump(mode="json")
+    if hasattr(result, "__dataclass_fields__"):
+        import dataclasses
+
+        return dataclasses.asdict(result)
+    return dict(result)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="llm2llm_jobs.iteration", description=__doc__.split("\n")[1])
+    p.add_argument("--run", required=True, help="base64 JSON {name, uid, spec} (see encode_run)")
+    p.add_argument("--iteration", type=int, required=True)
+    p.add_argument("--attempt", type=int, default=1)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    name, uid, spec = decode_run(args.run)
+    if os.environ.get("RAY_ADDRESS"):
+        import ray
+
+        # Inside a Ray job: join the cluster so training and the engines run on its workers.
+        ray.init(log_to_driver=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f"llm2llm-{name}-i{args.iteration}-"))
+    try:
+        it = Iteration(name, uid, spec, args.iteration, args.attempt, scratch).run()
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    log.info("iteration %d committed: %s", it.index, it.model_dump_json(by_alias=True, exclude_none=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
