@@ -50,6 +50,9 @@ def register(ctx: Context) -> None:
         settings.posting.level = logging.WARNING
         settings.posting.reporting_component = "llm2llm-operator"
         settings.execution.max_workers = 8  # sync handlers: bounded threads (the default is CPU-based)
+        # We watch one known resource in a fixed list of namespaces (or all): no need to scan the cluster
+        # for namespaces and CRDs, which a namespaced install's RBAC (rightly) does not allow.
+        settings.scanning.disabled = True
 
     @kopf.on.resume(GROUP, VERSION, PLURAL, id="reconcile", retries=EVENT_RETRIES)
     @kopf.on.create(GROUP, VERSION, PLURAL, id="reconcile", retries=EVENT_RETRIES)
