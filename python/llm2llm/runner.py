@@ -108,6 +108,7 @@ class LocalRunner:
         uid = self._uid()
         status = self._status()
         status.output = self.store.uri()
+        tracker = self._tracker(uid)
         env = job_env(self.spec)
         last_line = ""
         while True:
@@ -121,6 +122,11 @@ class LocalRunner:
             elif isinstance(action, Stop):
                 launcher.stop(action.name)
                 self.echo(f"{_clock()} stopped {action.name}: {action.reason}")
+            if tracker is not None:
+                # Cheap unless something is new (an iteration, a phase, the end); never raises.
+                url = tracker.update(new, self.store)
+                if url and new.mlflow_run_url != url:
+                    new.mlflow_run_url = url
             if new.wire() != status.wire() or isinstance(action, Launch):
                 self.store.write_json(self.store.path("status.json"), new.wire())
             status = new
@@ -134,6 +140,18 @@ class LocalRunner:
                 return status
             if isinstance(action, (Wait, Backoff, Launch, Stop)):
                 time.sleep(self.poll)
+
+    def _tracker(self, uid: str):
+        """The MLflow tracker when spec.tracking.mlflow is set; tracking problems never stop the run."""
+        if self.spec.tracking is None or self.spec.tracking.mlflow is None:
+            return None
+        try:
+            from .tracking import tracker_for
+
+            return tracker_for(self.spec, self.name, uid)
+        except Exception as err:  # noqa: BLE001
+            log.warning("MLflow tracking disabled: %s", err)
+            return None
 
     def job_logs(self, name: str) -> str:
         return JobsApiLauncher(self._dashboard).logs(name)

@@ -177,6 +177,24 @@ class RetrySpec(_Model):
     backoff_seconds: int = Field(30, ge=0, le=86400)
 
 
+class MlflowSpec(_Model):
+    tracking_uri: str = Field(
+        min_length=1, max_length=2048, description="MLflow tracking server, e.g. http://mlflow.mlflow:5000."
+    )
+    experiment: str = Field("llm2llm", min_length=1, max_length=500, description="Experiment the runs go into.")
+    credentials_secret_ref: SecretKeyRef | None = Field(
+        None,
+        description="Secret key holding the MLflow credentials: a token (sent as a bearer token), or "
+        "'username:password' (basic auth). Never logged.",
+    )
+
+
+class TrackingSpec(_Model):
+    mlflow: MlflowSpec | None = Field(
+        None, description="Log params, per-iteration metrics and artefacts to MLflow (one run per AugmentationRun)."
+    )
+
+
 class AugmentationRunSpec(_Model):
     task: TaskSpec = Field(default_factory=TaskSpec)
     data: DataSpec
@@ -189,6 +207,7 @@ class AugmentationRunSpec(_Model):
     output: str = Field(min_length=1, description="Output URI; the run writes under <output>/<name>/.")
     ray: RaySpec = Field(default_factory=RaySpec)
     retry: RetrySpec = Field(default_factory=RetrySpec)
+    tracking: TrackingSpec | None = Field(None, description="Experiment tracking (MLflow).")
     suspend: bool = False
     active_deadline_seconds: int | None = Field(None, ge=1, description="Per iteration job.")
     delete_data: bool = Field(False, description="Delete the run's output when the resource is deleted.")
