@@ -1,0 +1,377 @@
+"""The train stage: fine-tune the BASE student on prompt/target rows with Ray Train + DeepSpeed.
+
+Every iteration trains from the base checkpoint (the LLM2LLM recipe), with the loss on the target only.
+Rank 0 saves a PEFT adapter (LoRA) or a full Hugging Face folder (full fine-tuning), reports it to
+Ray Train as a checkpoint (so it reaches the driver even from another node), and the driver copies it
+into ``output_dir`` with ``train_result.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+from llm2llm.spec import DeepSpeedSpec, LoraSpec, StudentSpec, TrainingSpec
+
+log = logging.getLogger(__name__)
+
+# Driver variables the workers need (on an existing cluster they do not inherit the driver's environment);
+# they travel in the loop config and each worker sets them before importing DeepSpeed.
+_WORKER_ENV = (
+    "DS_ACCELERATOR",
+    "HF_HUB_OFFLINE",
+    "TRANSFORMERS_OFFLINE",
+    "TORCH_EXTENSIONS_DIR",
+    "TOKENIZERS_PARALLELISM",
+)
+
+# Dense bf16 peak FLOP/s per GPU, matched as a substring of torch.cuda.get_device_name(); for MFU only.
+PEAK_BF16_FLOPS = {
+    "H200": 989e12,
+    "H100": 989e12,
+    "A100": 312e12,
+    "L40S": 362e12,
+    "A10G": 125e12,
+    "L4": 121e12,
+}
+
+RESULT_FILE = "train_result.json"
+
+
+class TrainConfig(BaseModel):
+    model_path: str = Field(description="Local Hugging Face folder of the BASE model.")
+    method: Literal["lora", "full"] = "lora"
+    lora: LoraSpec = Field(default_factory=LoraSpec)
+    training: TrainingSpec = Field(default_factory=TrainingSpec)
+    deepspeed: DeepSpeedSpec = Field(default_factory=DeepSpeedSpec)
+    workers: int = Field(1, ge=1)
+    gpus_per_worker: int = Field(0, ge=0)
+    cpus_per_worker: int = Field(1, ge=1)
+    data_path: str = Field(description="Local Parquet file with string columns 'prompt' and 'target'.")
+    output_dir: str = Field(description="Local folder that receives the adapter or model, and train_result.json.")
+    storage_path: str = Field(description="Local folder for Ray Train's run records (RunConfig.storage_path).")
+
+    @classmethod
+    def from_spec(
+        cls, student: StudentSpec, model_path: str, data_path: str, output_dir: str, storage_path: str
+    ) -> TrainConfig:
+        return cls(
+            model_path=model_path,
+            method=student.method,
+            lora=student.lora,
+            training=student.training,
+            deepspeed=student.deepspeed,
+            workers=student.workers,
+            gpus_per_worker=student.gpus_per_worker,
+            cpus_per_worker=student.cpus_per_worker,
+            data_path=data_path,
+            output_dir=output_dir,
+            storage_path=storage_path,
+        )
+
+
+class TrainResult(BaseModel):
+    steps: int = Field(description="Optimizer steps taken.")
+    tokens: int = Field(description="Non-padding tokens the optimizer saw, all workers and epochs.")
+    loss: float = Field(description="Mean training loss of the final optimizer step.")
+    initial_loss: float = Field(description="Mean training loss of the first optimizer step.")
+    seconds: float = Field(description="Wall time of the whole stage, Ray Train start-up included.")
+    train_seconds: float = Field(description="Wall time of the optimisation loop alone.")
+    tokens_per_second: float = Field(description="tokens / train_seconds.")
+    mfu: float | None = Field(None, description="Model FLOPs utilisation (6*params*tokens/s / peak); None on CPU.")
+    gpu_seconds: float = Field(description="seconds * workers * gpus_per_worker.")
+    examples: int = Field(description="Training rows used (rows with no target token left are dropped).")
+    global_batch_size: int = Field(description="micro_batch_size * workers * gradient accumulation steps.")
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+def tokenize_example(tokenizer: Any, prompt: str, target: str, max_length: int) -> dict[str, list[int]] | None:
+    """Token ids and labels for one row: loss only on the target and the EOS that ends it.
+
+    Prompt and target are tokenised separately, as at inference (the prompt alone, then generation),
+    and the pair is cut to ``max_length`` from the right. None when no target token survives the cut.
+    """
+    prompt_ids = tokenizer(prompt)["input_ids"]
+    target_ids = tokenizer(target, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    input_ids = (prompt_ids + target_ids)[:max_length]
+    labels = ([-100] * len(prompt_ids) + target_ids)[:max_length]
+    if all(label == -100 for label in labels):
+        return None
+    return {"input_ids": input_ids, "labels": labels}
+
+
+def collate(examples: list[dict[str, list[int]]], pad_id: int) -> dict[str, Any]:
+    """Right-pad to the longest row; padding gets attention 0 and label -100."""
+    import torch
+
+    width = max(len(e["input_ids"]) for e in examples)
+    ids, mask, labels = [], [], []
+    for e in examples:
+        pad = width - len(e["input_ids"])
+        ids.append(e["input_ids"] + [pad_id] * pad)
+        mask.append([1] * len(e["input_ids"]) + [0] * pad)
+        labels.append(e["labels"] + [-100] * pad)
+    return {"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask), "labels": torch.tensor(labels)}
+
+
+def _index_stream(n: int, seed: int) -> Iterator[int]:
+    """Row indices forever, reshuffled each epoch; identical on every worker, so workers just take slices."""
+    epoch = 0
+    while True:
+        order = list(range(n))
+        random.Random(seed * 1_000_003 + epoch).shuffle(order)
+        yield from order
+        epoch += 1
+
+
+def _load_examples(path: str, tokenizer: Any, max_length: int) -> list[dict[str, list[int]]]:
+    import pyarrow.parquet as pq
+
+    rows = pq.read_table(path, columns=["prompt", "target"]).to_pylist()
+    examples = [tokenize_example(tokenizer, r["prompt"], r["target"], max_length) for r in rows]
+    kept = [e for e in examples if e is not None]
+    if len(kept) < len(rows):
+        log.warning("dropped %d of %d rows whose prompt fills max_length", len(rows) - len(kept), len(rows))
+    if not kept:
+        raise ValueError(f"no usable training rows in {path}")
+    return kept
+
+
+# ------------------------------------------------------------------------------------------ schedule
+
+
+def planned_steps(training: TrainingSpec, rows: int) -> int:
+    """Fixed steps when set (more data then does not mean more training), else epochs over the data."""
+    if training.steps:
+        return training.steps
+    return max(1, math.ceil(training.epochs * rows / training.batch_size))
+
+
+def deepspeed_config(cfg: TrainConfig, world: int) -> dict[str, Any]:
+    t, zero = cfg.training, cfg.deepspeed
+    accumulation = max(1, t.batch_size // (t.micro_batch_size * world))
+    zero_opt: dict[str, Any] = {"stage": zero.zero_stage}
+    if zero.offload == "cpu" and zero.zero_stage > 0:
+        zero_opt["offload_optimizer"] = {"device": "cpu"}
+    if zero.zero_stage == 3:
+        zero_opt["stage3_gather_16bit_weights_on_model_save"] = True
+    return {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": accumulation,
+        "train_batch_size": t.micro_batch_size * accumulation * world,
+        "gradient_clipping": 1.0,
+        "bf16": {"enabled": t.precision == "bf16"},
+        "zero_optimization": zero_opt,
+        # We pass torch's AdamW: DeepSpeed's CPU Adam is JIT-compiled on first use (~40 s+).
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 1_000_000_000,
+    }
+
+
+def _lr_lambda(total: int, warmup_ratio: float):
+    """Linear warmup then cosine to 0. Warmup starts above 0, so no optimizer step is wasted at lr 0."""
+    warmup = int(warmup_ratio * total)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+    return factor
+
+
+# --------------------------------------------------------------------------------------------- worker
+
+
+def _train_worker(loop_config: dict[str, Any]) -> None:
+    """One Ray Train worker: load the base model, train with DeepSpeed, rank 0 saves and reports."""
+    # Before DeepSpeed and transformers are imported: they read DS_ACCELERATOR and the offline flags then.
+    # (Set here rather than in a worker runtime_env, which would rule out Ray's pre-started workers.)
+    os.environ.update(loop_config["env"])
+    import deepspeed
+    import ray.train
+    import torch
+    import torch.distributed as dist
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cfg = TrainConfig.model_validate(loop_config["cfg"])
+    t = cfg.training
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    log.info("worker %d/%d: %d torch threads", rank, world, torch.get_num_threads())
+    torch.manual_seed(t.seed)
+
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model_path)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    dtype = torch.bfloat16 if t.precision == "bf16" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(cfg.model_path, dtype=dtype)
+    model.config.use_cache = False
+    if t.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    if cfg.method == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(
+            r=cfg.lora.r,
+            lora_alpha=cfg.lora.alpha,
+            lora_dropout=cfg.lora.dropout,
+            target_modules=cfg.lora.target_modules,
+            task_type="CAUSAL_LM",
+        )
+        model = get_peft_model(model, lora)
+        if t.gradient_checkpointing:
+            model.enable_input_require_grads()  # frozen embeddings would otherwise cut the graph
+    n_params = sum(p.numel() for p in model.parameters())  # before ZeRO-3 partitions them
+
+    examples = _load_examples(cfg.data_path, tokenizer, t.max_length)
+    total_steps = planned_steps(t, len(examples))
+    ds_config = deepspeed_config(cfg, world)
+    accumulation = ds_config["gradient_accumulation_steps"]
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=t.lr, weight_decay=0.0)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(total_steps, t.warmup_ratio)),
+        config=ds_config,
+    )
+    engine.train()
+
+    stream = _index_stream(len(examples), t.seed)
+    per_micro = t.micro_batch_size
+    tokens = 0
+    step_losses: list[float] = []
+    start = time.perf_counter()
+    for step in range(total_steps):
+        losses = []
+        for _ in range(accumulation):
+            chunk = [next(stream) for _ in range(per_micro * world)]  # same on every rank
+            batch = collate([examples[i] for i in chunk[rank * per_micro : (rank + 1) * per_micro]], pad_id)
+            batch = {k: v.to(engine.device) for k, v in batch.items()}
+            loss = engine(**batch).loss
+            engine.backward(loss)
+            engine.step()  # DeepSpeed only updates at the accumulation boundary
+            losses.append(loss.item())
+            tokens += int(batch["attention_mask"].sum())
+        step_losses.append(sum(losses) / len(losses))
+        if rank == 0 and (step + 1) % max(1, total_steps // 10) == 0:
+            log.info("step %d/%d loss %.4f", step + 1, total_steps, step_losses[-1])
+    train_seconds = time.perf_counter() - start
+
+    # Sum tokens and average the first/last step losses over workers (a device tensor, so nccl works too).
+    stats = torch.tensor([tokens, step_losses[0], step_losses[-1]], dtype=torch.float64, device=engine.device)
+    dist.all_reduce(stats)
+    tokens, initial_loss, final_loss = int(stats[0]), float(stats[1]) / world, float(stats[2]) / world
+    metrics = {
+        "steps": total_steps,
+        "tokens": tokens,
+        "loss": final_loss,
+        "initial_loss": initial_loss,
+        "train_seconds": train_seconds,
+        "tokens_per_second": tokens / train_seconds if train_seconds > 0 else 0.0,
+        "mfu": _mfu(n_params, tokens / train_seconds, world * cfg.gpus_per_worker) if cfg.gpus_per_worker else None,
+        "examples": len(examples),
+        "global_batch_size": ds_config["train_batch_size"],
+    }
+
+    with tempfile.TemporaryDirectory(prefix="llm2llm-train-") as out:
+        _save(engine, cfg, tokenizer, Path(out), rank)  # collective under ZeRO-3: every rank calls it
+        checkpoint = ray.train.Checkpoint.from_directory(out) if rank == 0 else None
+        ray.train.report(metrics, checkpoint=checkpoint)  # once: each report blocks ~1.6 s
+
+
+def _save(engine: Any, cfg: TrainConfig, tokenizer: Any, out: Path, rank: int) -> None:
+    import deepspeed
+
+    module = engine.module
+    zero3 = cfg.deepspeed.zero_stage == 3
+    if cfg.method == "lora":
+        # Only the adapter is saved; under ZeRO-3 its (small) weights are gathered first.
+        trainable = [p for p in module.parameters() if p.requires_grad]
+        with deepspeed.zero.GatheredParameters(trainable, enabled=zero3):
+            if rank == 0:
+                module.save_pretrained(out)  # adapter_config.json + adapter_model.safetensors
+        return
+    # ZeRO-3 holds a shard per rank: consolidate layer by layer onto rank 0's CPU.
+    state_dict = engine._zero3_consolidated_16bit_state_dict() if zero3 else None
+    if rank == 0:
+        module.save_pretrained(out, state_dict=state_dict)
+        tokenizer.save_pretrained(out)
+
+
+def _mfu(n_params: int, tokens_per_second: float, gpus: int) -> float | None:
+    import torch
+
+    name = torch.cuda.get_device_name()
+    peak = next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
+    if peak is None:
+        log.warning("no peak FLOP/s known for %r; MFU not reported", name)
+        return None
+    # 6 FLOPs per parameter per token (forward + backward); an over-estimate for LoRA's frozen weights.
+    return 6 * n_params * tokens_per_second / (peak * gpus)
+
+
+# --------------------------------------------------------------------------------------------- driver
+
+
+def run_train(cfg: TrainConfig) -> TrainResult:
+    """Train on the Ray cluster this process is connected to (or a local one), then fill ``output_dir``."""
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    if not ray.is_initialized():
+        ray.init()
+    gpu = cfg.gpus_per_worker > 0
+    env = {k: os.environ[k] for k in _WORKER_ENV if k in os.environ}
+    env["DS_ACCELERATOR"] = "cuda" if gpu else "cpu"
+    resources: dict[str, float] = {"CPU": cfg.cpus_per_worker}
+    if gpu:
+        resources["GPU"] = cfg.gpus_per_worker
+    trainer = TorchTrainer(
+        _train_worker,
+        train_loop_config={"cfg": cfg.model_dump(mode="json"), "env": env},
+        torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=gpu, resources_per_worker=resources),
+        # A fresh name per call: Ray Train V2 would otherwise try to resume a finished run of the same name.
+        run_config=RunConfig(
+            name=f"train-{uuid.uuid4().hex[:12]}",
+            storage_path=cfg.storage_path if "://" in cfg.storage_path else str(Path(cfg.storage_path).resolve()),
+        ),
+    )
+    start = time.perf_counter()
+    result = trainer.fit()
+    seconds = time.perf_counter() - start
+
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    result.checkpoint.to_directory(str(out))
+    _drop_stored_checkpoint(result.checkpoint)
+    train = TrainResult(
+        **result.metrics, seconds=seconds, gpu_seconds=seconds * cfg.workers * cfg.gpus_per_worker
+    )
+    (out / RESULT_FILE).write_text(json.dumps(train.model_dump(), indent=2) + "\n")
+    log.info("trained %d steps, loss %.4f -> %.4f, %.1f s", train.steps, train.initial_loss, train.loss, seconds)
+    return train
+
+
+def _drop_stored_checkpoint(checkpoint: Any) -> None:
+    """The copy in Ray's storage is redundant once output_dir has it (a full model is hundreds of MB)."""
+    import pyarrow
+
+    try:
+        checkpoint.filesystem.delete_dir(checkpoint.path)
+    except (OSError, pyarrow.ArrowException) as err:  # keep going: only disk space is at stake
+        log.warning("could not delete %s: %s", checkpoint.path, err)
