@@ -29,7 +29,7 @@ from llm2llm.planner import stop_reason
 from llm2llm.schemas import DATASET, GENERATED, PREDICTIONS, SCORED, table
 from llm2llm.spec import AugmentationRunSpec, spec_to_wire
 from llm2llm.status import IterationStatus, TokenCounts, now
-from llm2llm.storage import RunStorage
+from llm2llm.storage import RunStorage, StorageError
 from llm2llm.tasks import Task
 
 from . import fanout
@@ -121,14 +121,17 @@ class Iteration:
         )
         result = run_train(cfg)
         remote = self._path("train", "model")
-        if self.store.is_local:
-            # Rename into place: a half-copied model can never sit behind a marker.
-            if Path(remote).exists():
-                shutil.rmtree(remote)
-            Path(remote).parent.mkdir(parents=True, exist_ok=True)
-            shutil.move(str(out), remote)
-        else:
-            self.store.fs.put(str(out), remote, recursive=True)
+        try:
+            if self.store.is_local:
+                # Rename into place: a half-copied model can never sit behind a marker.
+                if Path(remote).exists():
+                    shutil.rmtree(remote)
+                Path(remote).parent.mkdir(parents=True, exist_ok=True)
+                shutil.move(str(out), remote)
+            else:
+                self.store.fs.put(str(out), remote, recursive=True)
+        except OSError as err:
+            raise StorageError(f"cannot write {remote}: {err}") from err
         return {"rows": rows.num_rows, "model": self.store.uri("iter-" + str(self.i), "train", "model"), **_dump(result)}
 
     def infer(self) -> dict[str, Any]:

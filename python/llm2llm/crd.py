@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from .spec import API_VERSION, CROSS_FIELD_RULES, GROUP, KIND, PLURAL, VERSION, AugmentationRunSpec
+from .spec import API_VERSION, CROSS_FIELD_RULES, GROUP, KIND, NAME_RE, PLURAL, VERSION, AugmentationRunSpec
 from .status import RunStatus
 
 _DROP = {"title"}
@@ -178,7 +178,8 @@ def crd() -> dict[str, Any]:
                                 "kind": {"type": "string"},
                                 "metadata": {
                                     "type": "object",
-                                    "properties": {"name": {"type": "string", "maxLength": 63}},
+                                    "properties": {"name": {"type": "string", "maxLength": 63,
+                                                            "pattern": NAME_RE.pattern}},
                                 },
                                 "spec": _spec_schema(),
                                 "status": _status_schema(),

@@ -163,7 +163,11 @@ def advance(
                 rec.finished_at = stamp
     for rec in records.values():
         if rec.state not in TERMINAL and rec.name not in observed.jobs:
-            rec.state, rec.message, rec.finished_at = "Missing", "the job is gone and left no result", stamp
+            if spec.suspend:
+                # Stopped by the suspend, before a crash let us record it: not a failed attempt.
+                rec.state, rec.message, rec.finished_at = "Suspended", "stopped because the run was suspended", stamp
+            else:
+                rec.state, rec.message, rec.finished_at = "Missing", "the job is gone and left no result", stamp
     for rec in records.values():
         # A job that exits 0 but never committed its iteration did not succeed.
         if rec.state == "Succeeded" and rec.iteration not in observed.iterations:

@@ -23,7 +23,7 @@ KIND = "AugmentationRun"
 PLURAL = "augmentationruns"
 
 # Kubernetes object names (RFC 1123 subdomain, kept to 63 so child names can be derived from them).
-_NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 MAX_TEMPLATE_CHARS = 16_000
 
 
@@ -118,7 +118,7 @@ class InferSpec(_Model):
 class TeacherSpec(_Model):
     kind: Literal["vllm", "openai", "hf"] = "vllm"
     model: str = Field("smollm2-135m", min_length=1, description="Model for vllm/hf, model name for openai.")
-    endpoint: str | None = Field(None, description="OpenAI-compatible base URL (kind openai).")
+    endpoint: str | None = Field(None, min_length=1, description="OpenAI-compatible base URL (kind openai).")
     api_key_secret_ref: SecretKeyRef | None = None
     samples_per_failure: int = Field(1, ge=1, le=64)
     temperature: float = Field(1.0, ge=0, le=2)
@@ -161,7 +161,7 @@ class BudgetSpec(_Model):
 
 class RaySpec(_Model):
     launcher: Literal["local", "jobs-api", "rayjob"] = "local"
-    address: str | None = Field(None, description="Dashboard address for jobs-api, e.g. http://head:8265.")
+    address: str | None = Field(None, min_length=1, description="Dashboard address for jobs-api, e.g. http://head:8265.")
     cluster_selector: dict[str, str] | None = Field(
         None, description="Labels of a shared RayCluster the RayJob runs on (rayjob launcher)."
     )
@@ -300,7 +300,7 @@ class AugmentationRun(BaseModel):
     @model_validator(mode="after")
     def _name(self) -> AugmentationRun:
         name = self.metadata.name
-        if len(name) > 63 or not _NAME_RE.match(name):
+        if len(name) > 63 or not NAME_RE.match(name):
             raise ValueError(
                 f"metadata.name {name!r} must be a DNS label: lowercase letters, digits and '-', at most 63 chars"
             )

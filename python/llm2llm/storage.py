@@ -17,6 +17,7 @@ a marker.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -73,11 +74,16 @@ class RunStorage:
             self.fs.makedirs(parent, exist_ok=True)
             if self.is_local:
                 tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-                with open(tmp, "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, path)
+                try:
+                    with open(tmp, "wb") as f:
+                        f.write(data)
+                        f.flush()
+                        os.fsync(f.fileno())
+                    os.replace(tmp, path)
+                except OSError:
+                    with contextlib.suppress(OSError):
+                        os.unlink(tmp)
+                    raise
             else:
                 self.fs.pipe_file(path, data)
         except OSError as err:
@@ -94,6 +100,8 @@ class RunStorage:
             return None
         except OSError as err:
             raise StorageError(f"cannot read {path}: {err}") from err
+        except ValueError as err:  # torn or foreign content: name the file, never guess
+            raise StorageError(f"corrupt JSON in {path}: {err}") from err
 
     def write_table(self, path: str, table: pa.Table) -> None:
         buf = io.BytesIO()
@@ -125,8 +133,14 @@ class RunStorage:
         self.write_json(posixpath.join(self.iter_dir(it.index), ITERATION_MARKER), it.model_dump(mode="json", by_alias=True))
 
     def iteration(self, i: int) -> IterationStatus | None:
-        doc = self.read_json(posixpath.join(self.iter_dir(i), ITERATION_MARKER))
-        return IterationStatus.model_validate(doc) if doc is not None else None
+        path = posixpath.join(self.iter_dir(i), ITERATION_MARKER)
+        doc = self.read_json(path)
+        if doc is None:
+            return None
+        try:
+            return IterationStatus.model_validate(doc)
+        except ValueError as err:
+            raise StorageError(f"corrupt iteration manifest {path}: {err}") from err
 
     def iterations(self) -> dict[int, IterationStatus]:
         """Committed iterations, contiguous from 0 (a gap means later ones are not trusted)."""

@@ -78,12 +78,6 @@ NAMESPACE_OBJECTS: list[dict[str, Any]] = [
      "data": {"rayClusterSpec": yaml.safe_dump(_NAMELESS)}},
 ]
 
-_EMPTY_MEANS_MISSING = (
-    "product bug: the CEL rule uses has(), which is true for an empty string, while the Python rule "
-    "(spec.py CROSS_FIELD_RULES) uses bool(): the API server admits it and the operator then fails it "
-    "as InvalidSpec (no RayJob). One meaning, two places is broken; the CEL rule needs size(...) > 0"
-)
-
 _LAX = (
     "product bug: the Python rules (spec.py _Model) validate in pydantic's lax mode, which coerces 'yes' to true "
     "and '3' to 3, so `llm2llm validate` and the local runner accept a run.yaml that the API server refuses; "
@@ -147,10 +141,9 @@ CASES: list[Case] = [
       "studentTemplate must contain the {input} slot"),
     A("cel-teacher-template-without-input", {"task": {"teacherTemplate": "make {k} like {output}"}},
       "teacherTemplate must contain the {input} slot"),
-    A("cel-openai-empty-endpoint", {"teacher": {"kind": "openai", "endpoint": ""}}, "teacher.endpoint",
-      xfail=_EMPTY_MEANS_MISSING),
+    A("cel-openai-empty-endpoint", {"teacher": {"kind": "openai", "endpoint": ""}}, "teacher.endpoint"),
     A("cel-jobs-api-empty-address", {"ray": {"launcher": "jobs-api", "clusterSelector": DELETE, "address": ""}},
-      "ray.address", xfail=_EMPTY_MEANS_MISSING),
+      "ray.address"),
     # --- huge ----------------------------------------------------------------------------------
     A("huge-student-template", {"task": {"studentTemplate": "{input}" + "x" * 16_001}},
       "spec.task.studentTemplate", "16000"),
@@ -162,10 +155,7 @@ CASES: list[Case] = [
     A("name-uppercase-underscore", {}, "metadata.name", name="Bad_Name"),
     A("name-64-chars", {}, "metadata.name", name="r" * 64),
     A("name-leading-dash", {}, "metadata.name", name="-run"),
-    A("name-with-dot", {}, "metadata.name", name="run.v2",
-      xfail="product gap: llm2llm validate (spec.py AugmentationRun._name) requires a DNS label, but the CRD only "
-            "sets maxLength: 63 on metadata.name, so the API server admits a dotted name (an RFC 1123 subdomain) "
-            "that `llm2llm validate` refuses, and the operator runs it"),
+    A("name-with-dot", {}, "metadata.name", name="run.v2"),
     # --- caught by the operator: references, storage, launchers --------------------------------
     C("secret-missing", {"teacher": {**OPENAI, "apiKeySecretRef": {"name": "absent", "key": "k"}}},
       "SecretNotFound", "Pending", "Secret", "absent"),

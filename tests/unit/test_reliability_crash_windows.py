@@ -114,14 +114,6 @@ def test_crash_after_deadline_stop_counts_the_attempt_once(tmp_path):
     assert run.body["status"]["phase"] == "Running"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "product bug: on suspend, reconcile() deletes the RayJob (reconcile.py _carry_out -> RayJobLauncher.stop) "
-    "before handlers._reconcile writes the status that records the attempt as Suspended. A crash (or a failed "
-    "status write) in between leaves the attempt Running in status with its RayJob gone, so the next reconcile "
-    "marks it Missing (planner.advance: 'the job is gone and left no result'): a JobFailed warning, and a retry "
-    "attempt used up by a suspend. With retry.maxAttempts=1 the run goes Failed (IterationFailed) on resume. "
-    "Fix: write the status before stopping, or have advance() treat a job that vanished while spec.suspend "
-    "is true as Suspended"))
 def test_crash_between_suspend_stop_and_status_write(tmp_path):
     run = Run(tmp_path, retry={"maxAttempts": 1, "backoffSeconds": 0})
     run.tick()

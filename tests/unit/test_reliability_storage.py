@@ -162,11 +162,6 @@ def test_unwritable_output_mid_stage(fakes, spec, tmp_path, fault_id, stage, whe
     assert job.store.iterations().keys() == {0, 1}
 
 
-@pytest.mark.xfail(strict=True, raises=OSError, reason=(
-    "product bug: Iteration.train (jobs/llm2llm_jobs/iteration.py, local-storage branch: Path(remote).parent."
-    "mkdir / shutil.rmtree / shutil.move) writes the model outside RunStorage, so an unwritable output "
-    "surfaces as a bare OSError (FileExistsError/NotADirectoryError) instead of a StorageError naming the "
-    "stage's folder, unlike every other stage"))
 def test_train_stage_fault_is_a_storage_error(fakes, spec, tmp_path):
     root = tmp_path / "out" / RUN
     _job(spec, 0, 1, tmp_path).run()
@@ -179,9 +174,6 @@ def test_train_stage_fault_is_a_storage_error(fakes, spec, tmp_path):
         assert {k: v for k, v in _checksums(root).items() if k in before} == before
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "product bug: RunStorage.write_bytes (python/llm2llm/storage.py) does not remove its temporary file when "
-    "os.replace fails: every failed attempt leaves a full copy of the file (<name>.tmp-xxxxxxxx) behind"))
 def test_failed_write_leaves_no_temporary_file(fakes, spec, tmp_path):
     root = tmp_path / "out" / RUN
     _job(spec, 0, 1, tmp_path).run()
@@ -193,11 +185,6 @@ def test_failed_write_leaves_no_temporary_file(fakes, spec, tmp_path):
 
 @pytest.mark.parametrize("content", ['{"index": 0, "attem', '{"index": "zero"}', "\x00\x01garbage"],
                          ids=["torn-json", "wrong-type", "binary"])
-@pytest.mark.xfail(strict=True, reason=(
-    "product bug: RunStorage.read_json/iteration (python/llm2llm/storage.py) only map OSError to StorageError: "
-    "a corrupt _ITERATION.json raises a bare JSONDecodeError/ValidationError that does not name the file, and "
-    "the operator (reconcile.py _observe catches StorageError only) then fails every reconcile as 'unexpected' "
-    "instead of reporting it"))
 def test_corrupt_manifest_is_a_storage_error(fakes, spec, tmp_path, content):
     root = tmp_path / "out" / RUN
     job = _job(spec, 0, 1, tmp_path)
