@@ -43,6 +43,14 @@ GENERIC_SYSTEM = (
     "the one the student got wrong, with different surface details. Use exactly this format for every "
     "example:\n1. Question: <input>\nAnswer: <output>"
 )
+# A worked example of the reply format for the generic teacher. Small teachers follow a demonstration
+# far better than a format description (SmolLM2-135M produced no parseable item without it).
+GENERIC_ONE_SHOT = (
+    "The student got this example wrong.\nInput: The soup arrived cold and tasted of nothing.\nCorrect output: "
+    "negative\nPlease generate 2 similar examples.",
+    "1. Question: The bread was stale and the butter had gone sour.\nAnswer: negative\n"
+    "2. Question: Our waiter forgot the order twice and never apologised.\nAnswer: negative",
+)
 GENERIC_TEACHER = (
     "The student got this example wrong.\nInput: {input}\nCorrect output: {output}\n{student_answer}"
     "Please generate {k} similar examples."
@@ -130,15 +138,20 @@ class Task:
             .replace("{student_answer}", shown)
         )
         messages = [{"role": "system", "content": self.teacher_system}]
-        if self.spec.kind == "gsm8k" and not self.spec.teacher_template:
-            messages.append({"role": "user", "content": GSM8K_ONE_SHOT.split("\n\n1.")[0]})
-            messages.append({"role": "assistant", "content": "1." + GSM8K_ONE_SHOT.split("\n\n1.")[1]})
+        if not self.spec.teacher_template:
+            if self.spec.kind == "gsm8k":
+                shot = (GSM8K_ONE_SHOT.split("\n\n1.")[0], "1." + GSM8K_ONE_SHOT.split("\n\n1.")[1])
+            else:
+                shot = GENERIC_ONE_SHOT
+            messages.append({"role": "user", "content": shot[0]})
+            messages.append({"role": "assistant", "content": shot[1]})
         messages.append({"role": "user", "content": user})
         return messages
 
     def prompt_hash(self) -> str:
-        """Identifies the teacher prompt version, for lineage."""
-        text = self.teacher_system + "\x1f" + self.teacher_template
+        """Identifies the teacher prompt version (system, one-shot, template), for lineage."""
+        shot = "" if self.spec.teacher_template else (GSM8K_ONE_SHOT if self.spec.kind == "gsm8k" else "".join(GENERIC_ONE_SHOT))
+        text = self.teacher_system + "\x1f" + shot + "\x1f" + self.teacher_template
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
