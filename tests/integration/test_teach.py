@@ -1,0 +1,167 @@
+"""Teacher backends on the real SmolLM2-135M: in-process vLLM and HF, and OpenAITeacher against real
+local servers (vLLM's OpenAI server; a FastAPI + transformers server that can inject faults)."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.request
+
+import pytest
+
+from llm2llm.spec import TaskSpec, TeacherSpec
+from llm2llm.tasks import Task
+from llm2llm_jobs.models import resolve_model
+from llm2llm_jobs.teach import (
+    Completion,
+    HfTeacher,
+    OpenAITeacher,
+    TeacherAuthError,
+    TeacherUnavailable,
+    VllmTeacher,
+    make_teacher,
+)
+from tests.conftest import GSM8K
+from tests.integration.openai_server import fastapi_server, vllm_server
+
+pytestmark = pytest.mark.integration
+
+KEY = "sk-test-3f9a1c"  # a throwaway key for the local servers
+
+
+@pytest.fixture(scope="module")
+def smollm2() -> str:
+    return resolve_model("smollm2-135m")
+
+
+@pytest.fixture(scope="module")
+def conversations() -> list[list[dict]]:
+    task = Task(TaskSpec(kind="gsm8k"))
+    with open(GSM8K / "train.jsonl") as f:
+        rows = [json.loads(line) for _, line in zip(range(2), f)]
+    return [task.teacher_messages(r["question"], r["answer"], 1, None) for r in rows]
+
+
+def prompt_tokens(model: str, conversation: list[dict]) -> int:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model)
+    return len(tok.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True)["input_ids"])
+
+
+def check(outputs: list[list[Completion]], n: int, max_tokens: int, want_prompt: list[int]) -> None:
+    assert len(outputs) == len(want_prompt)
+    for samples, want in zip(outputs, want_prompt):
+        assert len(samples) == n
+        for c in samples:
+            assert c.text.strip()
+            assert c.prompt_tokens == want
+            assert 0 < c.completion_tokens <= max_tokens
+
+
+def test_vllm_teacher(smollm2: str, conversations: list[list[dict]]) -> None:
+    want = [prompt_tokens(smollm2, c) for c in conversations]
+    teacher = VllmTeacher(smollm2)
+    try:
+        kw = {"n": 2, "temperature": 1.0, "top_p": 1.0, "max_tokens": 48, "seed": 7}
+        first = teacher.complete(conversations, **kw)
+        check(first, 2, 48, want)
+        assert first[0][0].text != first[0][1].text, "the n samples must not share one seed"
+        assert [[c.text for c in s] for s in teacher.complete(conversations, **kw)] == [[c.text for c in s] for s in first]
+    finally:
+        teacher.close()
+
+
+def test_hf_teacher(smollm2: str, conversations: list[list[dict]]) -> None:
+    want = [prompt_tokens(smollm2, c) for c in conversations]
+    teacher = make_teacher(TeacherSpec(kind="hf"), smollm2, None)
+    assert isinstance(teacher, HfTeacher)
+    try:
+        check(teacher.complete(conversations, n=2, temperature=1.0, top_p=1.0, max_tokens=16, seed=7), 2, 16, want)
+    finally:
+        teacher.close()
+
+
+# --- OpenAI-compatible endpoints -----------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def vllm_url(smollm2: str, tmp_path_factory: pytest.TempPathFactory):
+    with vllm_server(smollm2, KEY, tmp_path_factory.mktemp("vllm-server") / "server.log") as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def fastapi_url(smollm2: str, tmp_path_factory: pytest.TempPathFactory):
+    """The FastAPI server: real SmolLM2 answers, plus /stats and fault injection."""
+    with fastapi_server(smollm2, KEY, tmp_path_factory.mktemp("fastapi-server") / "server.log") as url:
+        yield url
+
+
+def admin(url: str, path: str, body: dict | None = None) -> dict:
+    """GET ``path`` on the server, or POST ``body`` to it for /admin paths."""
+    root = url.removesuffix("/v1")
+    data = json.dumps(body or {}).encode() if path.startswith("/admin") else None
+    req = urllib.request.Request(root + path, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return json.load(r)
+
+
+@pytest.fixture
+def server(fastapi_url: str) -> str:
+    admin(fastapi_url, "/admin/reset")
+    return fastapi_url
+
+
+def test_openai_teacher_against_vllm_server(vllm_url: str, smollm2: str, conversations: list[list[dict]]) -> None:
+    teacher = OpenAITeacher(vllm_url, "teacher", KEY, max_concurrency=4, timeout_s=120, max_retries=1)
+    out = teacher.complete(conversations, n=2, temperature=1.0, top_p=1.0, max_tokens=32, seed=3)
+    check(out, 2, 32, [prompt_tokens(smollm2, c) for c in conversations])
+
+
+def test_openai_teacher_bounds_concurrency(server: str, smollm2: str) -> None:
+    spec = TeacherSpec(kind="openai", endpoint=server, model="teacher", max_concurrency=3)
+    teacher = make_teacher(spec, None, KEY)
+    assert isinstance(teacher, OpenAITeacher) and KEY not in repr(teacher)
+    # Short chats: this test is about the client's concurrency, not the teacher prompt.
+    convs = [[{"role": "user", "content": f"Name a number bigger than {i}."}] for i in range(8)]
+    out = teacher.complete(convs, n=1, temperature=0.7, top_p=0.9, max_tokens=8, seed=1)
+    check(out, 1, 8, [prompt_tokens(smollm2, c) for c in convs])
+    stats = admin(server, "/stats")
+    assert stats["completed"] == 8
+    assert stats["max_in_flight"] == 3, stats  # the limit is reached, never exceeded
+
+
+def test_openai_teacher_retries_429_honouring_retry_after(server: str, conversations: list[list[dict]]) -> None:
+    admin(server, "/admin/faults", {"status": 429, "count": 2, "retry_after": 1})
+    teacher = OpenAITeacher(server, "teacher", KEY, max_concurrency=1, timeout_s=60, max_retries=3)
+    start = time.monotonic()
+    out = teacher.complete(conversations[:1], n=1, temperature=1.0, top_p=1.0, max_tokens=8, seed=1)
+    elapsed = time.monotonic() - start
+    assert out[0][0].text.strip() and out[0][0].completion_tokens > 0
+    stats = admin(server, "/stats")
+    assert (stats["requests"], stats["faults"], stats["completed"]) == (3, 2, 1)
+    # 2 x Retry-After: 1 s; the client's own backoff would have waited at most 0.5 + 1.0 s.
+    assert elapsed >= 2.0
+
+
+def test_openai_teacher_gives_up_on_persistent_503(server: str, conversations: list[list[dict]]) -> None:
+    admin(server, "/admin/faults", {"status": 503, "count": -1})
+    teacher = OpenAITeacher(server, "teacher", KEY, max_concurrency=2, timeout_s=10, max_retries=2)
+    start = time.monotonic()
+    with pytest.raises(TeacherUnavailable, match="503") as err:
+        teacher.complete(conversations, n=1, temperature=1.0, top_p=1.0, max_tokens=8, seed=1)
+    assert time.monotonic() - start < 30
+    assert not isinstance(err.value, TeacherAuthError)
+    stats = admin(server, "/stats")
+    assert stats["completed"] == 0 and stats["requests"] <= 2 * 3  # 1 try + 2 retries per conversation
+
+
+def test_openai_teacher_wrong_key_fails_fast(server: str, conversations: list[list[dict]]) -> None:
+    wrong = "sk-wrong-key-000"
+    teacher = OpenAITeacher(server, "teacher", wrong, max_concurrency=1, timeout_s=10, max_retries=5)
+    start = time.monotonic()
+    with pytest.raises(TeacherAuthError, match="rejected the API key") as err:
+        teacher.complete(conversations[:1], n=1, temperature=1.0, top_p=1.0, max_tokens=8, seed=1)
+    assert time.monotonic() - start < 10
+    assert wrong not in str(err.value)
+    assert admin(server, "/stats")["unauthorized"] == 1  # not retried
