@@ -29,12 +29,15 @@ from controlplane import _die_with_parent, free_ports, tail  # noqa: E402
 @pytest.fixture
 def ray_head(tmp_path):
     """A local Ray head; yields its dashboard address. RAY_AUTH_MODE=disabled on both sides (conftest)."""
-    gcs, dashboard = free_ports(2)
+    # Every port explicit: the dashboard agent's default (52365) clashes with any other Ray on the machine,
+    # and then the Jobs API answers "No available agent to submit job" forever.
+    gcs, dashboard, agent = free_ports(3)
     temp = tempfile.mkdtemp(prefix="rayop-")  # short: Ray's socket paths must fit in 107 bytes
     log = tmp_path / "ray-head.log"
     ray = Path(sys.executable).with_name("ray")
     argv = [str(ray), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
-            "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=4",
+            "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--dashboard-agent-listen-port={agent}",
+            "--num-cpus=4",
             f"--temp-dir={temp}", "--disable-usage-stats"]
     with open(log, "wb") as out:
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
