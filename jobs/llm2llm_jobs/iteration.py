@@ -250,7 +250,7 @@ class Iteration:
             index=self.i, attempt=self.attempt, train_rows=prep["train_rows"], train_steps=train.get("steps", 0),
             train_loss=train.get("loss"), seed_accuracy=sc.get("seed_accuracy"), test_accuracy=sc.get("test_accuracy"),
             failures=sc.get("seed_failures", 0), tokens_per_second=train.get("tokens_per_second"), mfu=train.get("mfu"),
-            gpu_seconds=train.get("gpu_seconds", 0.0), job=os.environ.get("RAY_JOB_SUBMISSION_ID") or None,
+            gpu_seconds=train.get("gpu_seconds", 0.0),
             started_at=started,
         )
         it.tokens = TokenCounts(trained=train.get("tokens", 0))

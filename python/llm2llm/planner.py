@@ -177,6 +177,10 @@ def advance(
         if rec.state in ("Failed", "Missing") and before.get(rec.name) not in ("Failed", "Missing"):
             events.append(Event("JobFailed", f"{rec.name} (iteration {rec.iteration}, attempt {rec.attempt}): {rec.message}", True))
     st.jobs = sorted(records.values(), key=lambda r: (r.iteration, r.attempt))
+    for it in st.iterations:
+        # The job does not know the name it was submitted under: the last attempt of its iteration committed it.
+        if it.job is None:
+            it.job = next((r.name for r in reversed(st.jobs) if r.iteration == it.index), None)
     st.current_iteration = n
     st.stage = _stage(observed.stages_done)
 

@@ -98,6 +98,7 @@ def test_manifests_advance_the_loop_and_finish_at_max_iterations():
     assert isinstance(action, Launch) and action.iteration == 1 and action.attempt == 1
     assert [e.reason for e in events] == ["IterationSucceeded", "IterationStarted"]
     assert st.iterations[0].seed_accuracy == 0.5 and st.augmented_rows == 2
+    assert st.iterations[0].job == launch.name  # which Ray job produced the iteration
     done = {0: it(0), 1: it(1, 0.6), 2: it(2, 0.7, kept=0)}
     st, action, events = step(sp, st, iterations=done)
     assert isinstance(action, Finish) and action.reason == "MaxIterations"
