@@ -154,7 +154,7 @@ def report(res: dict) -> str:
                      + (f" (loop {it['train_loop_s']:.0f})" if "train_loop_s" in it else ""),
                      f"{st.get('infer', 0):.0f}", f"{st.get('teach', 0):.0f}",
                      f"**{it['overhead_s']:.0f} ({100 * it['overhead_share']:.1f}%)**", f"{it['submit_to_start_s']:.0f}",
-                     f"{it['other_stages_s']:.1f}", f"{it['in_job_outside_stages_s']:.0f}", f"{it['end_to_observed_s']:.0f}",
+                     f"{it['other_stages_s']:.1f}", f"{it['in_job_outside_stages_s']:.1f}", f"{it['end_to_observed_s']:.0f}",
                      "met" if it["met"] else "MISSED"])
     worst = max(a["iterations"], key=lambda it: it["overhead_share"])
     met = all(it["met"] for it in a["iterations"])
@@ -210,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--wait", type=float, default=0, help="seconds to wait for the load to drop")
     p.add_argument("--force", action="store_true", help="run even when the machine is busy")
     p.add_argument("--keep", action="store_true", help="keep the temp run folder")
+    p.add_argument("--load-note", help="what the load was while an earlier run (--status) ran, for the report")
     args = p.parse_args(argv)
     status_path = Path(args.status)
     if not args.run and not status_path.is_file():
@@ -239,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         if status.get("phase") not in ("Succeeded", "Failed"):
             print(f"{status_path}: the run is still {status.get('phase')}; analysing what is there", flush=True)
         res.update(source=str(status_path.relative_to(C.ROOT) if status_path.is_relative_to(C.ROOT) else status_path),
-                   load_during=res.get("load_during") or "not recorded (an earlier run; see bench/README.md)")
+                   load_during=args.load_note or "not recorded (an earlier run: pass --load-note)")
         res["analysis"] = analyse(status, None, status_path.parent)
     res["goals"] = {"overhead_share": GOAL_SHARE, "overhead_seconds": GOAL_SECONDS}
     C.save("iteration_overhead", res, report(res))

@@ -80,6 +80,8 @@ def _norm(text: str) -> str:
 # threshold is therefore a candidate (no misses, whatever the data), and each candidate is scored with
 # the same Indel similarity the plain scan uses, so verified results are identical to a full scan; only
 # far fewer pairs are scored. Hashing entries into buckets only merges entries, which keeps the bounds.
+# Generalised (``shared`` = k): prefixes k - 1 entries longer share at least k entries, since the k
+# smallest shared entries all fall inside both; demanding k of them cuts candidates further.
 
 _EPS = 1e-9
 

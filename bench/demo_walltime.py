@@ -1,0 +1,42 @@
+"""The demo's total wall time (the figures come from bench/iteration_overhead.py's analysis).
+
+    .venv/bin/python -m bench.demo_walltime            # runs/demo/status.json
+    .venv/bin/python -m bench.demo_walltime --run      # run the demo now (when quiet), then report
+
+Total = the run's ``finishedAt - startedAt`` in status.json (runner start to the last iteration's commit),
+with each iteration's share. ``--run`` and its options are those of bench.iteration_overhead.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from bench import _common as C
+from bench import iteration_overhead as io
+
+
+def main(argv: list[str] | None = None) -> int:
+    rc = io.main(argv)
+    if rc != 0:
+        return rc
+    res = json.loads((C.RESULTS / "iteration_overhead.json").read_text())
+    a = res["analysis"]
+    rows = [[it["iteration"], f"{it['wall_s']:.0f}", f"{it['compute_s']:.0f}", f"{it['overhead_s']:.0f}"]
+            for it in a["iterations"]]
+    md = "\n".join([
+        f"Source: {res['source']}; load while it ran: {res['load_during']}.",
+        "",
+        C.md_table(["iteration", "wall s", "train+infer+teach s", "overhead s"], rows),
+        "",
+        f"**Demo total wall time: {a['demo_wall_s']:.0f}s ({a['demo_wall_s'] / 60:.1f} min)**, phase {a['phase']} "
+        f"({a['stop_reason']}), {a['started_at']} -> {a['finished_at']}. No numeric goal (the task brief "
+        "estimates 5-10 min on a quiet machine).",
+    ])
+    C.save("demo_walltime", {"source": res["source"], "load_during": res["load_during"],
+                             "demo_wall_s": a["demo_wall_s"], "iterations": a["iterations"]}, md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
