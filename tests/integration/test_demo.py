@@ -17,7 +17,7 @@ import yaml
 
 from tests.conftest import REPO
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(1800)]  # a whole 3-iteration run on CPU
 LINEAGE = {"id", "parent_id", "iteration", "source", "teacher_model", "prompt_hash"}
 
 
@@ -27,7 +27,7 @@ def test_demo_run_end_to_end(tmp_path):
     run_yaml = tmp_path / "run.yaml"
     run_yaml.write_text(yaml.safe_dump(doc))
     cli = Path(sys.executable).with_name("llm2llm")
-    out = subprocess.run([str(cli), "run", str(run_yaml)], cwd=REPO, capture_output=True, text=True, timeout=1500)
+    out = subprocess.run([str(cli), "run", str(run_yaml)], cwd=REPO, capture_output=True, text=True, timeout=1700)
     log = out.stdout[-6000:] + out.stderr[-6000:]
     assert out.returncode == 0, log
     status = json.loads((tmp_path / "runs/demo/status.json").read_text())
