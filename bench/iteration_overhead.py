@@ -92,15 +92,15 @@ def analyse(status: dict, ray_jobs: dict | None = None, run_dir: Path | None = N
 class LoadSampler(threading.Thread):
     def __init__(self, every: float = 10.0) -> None:
         super().__init__(daemon=True)
-        self.every, self.samples, self._stop = every, [], threading.Event()
+        self.every, self.samples, self._halt = every, [], threading.Event()
 
     def run(self) -> None:
-        while not self._stop.is_set():
+        while not self._halt.is_set():
             self.samples.append(C.loadavg()[0])
-            self._stop.wait(self.every)
+            self._halt.wait(self.every)
 
     def stop(self) -> dict:
-        self._stop.set()
+        self._halt.set()
         s = self.samples or [C.loadavg()[0]]
         return {"mean": round(sum(s) / len(s), 2), "max": round(max(s), 2), "samples": len(s)}
 
