@@ -28,8 +28,10 @@ MAX_TEMPLATE_CHARS = 16_000
 
 
 class _Model(BaseModel):
+    # strict: no coercion ('yes' -> true, '3' -> 3), so `llm2llm validate` refuses what the API server
+    # refuses. (Strict still takes an int for a float field, as the CRD's `number` type does.)
     model_config = ConfigDict(
-        alias_generator=to_camel, populate_by_name=True, extra="forbid", validate_default=True
+        alias_generator=to_camel, populate_by_name=True, extra="forbid", validate_default=True, strict=True
     )
 
 
@@ -342,6 +344,18 @@ def parse_spec(spec: Any, source: str = "<spec>") -> AugmentationRunSpec:
         raise SpecError(source, _problems(err)) from None
 
 
+class _Yaml12Floats(yaml.SafeLoader):
+    """PyYAML follows YAML 1.1, where ``2e-5`` (no dot) is a string; kubectl's parser reads it as a number.
+    Strict validation would then refuse an ``lr: 2e-5`` that the API server takes, so read those as floats."""
+
+
+_Yaml12Floats.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][-+]?[0-9]+)?$|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"),
+    list("-+0123456789."),
+)
+
+
 def load_run(path: str | Path) -> AugmentationRun:
     """Read and validate a run.yaml file."""
     p = Path(path)
@@ -350,7 +364,7 @@ def load_run(path: str | Path) -> AugmentationRun:
     except (OSError, UnicodeDecodeError) as err:
         raise SpecError(str(p), [f"cannot read file: {err}"]) from None
     try:
-        doc = yaml.safe_load(text)
+        doc = yaml.load(text, Loader=_Yaml12Floats)
     except yaml.YAMLError as err:
         raise SpecError(str(p), [f"not valid YAML: {err}"]) from None
     run = parse_run(doc, str(p))

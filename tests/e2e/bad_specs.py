@@ -78,19 +78,12 @@ NAMESPACE_OBJECTS: list[dict[str, Any]] = [
      "data": {"rayClusterSpec": yaml.safe_dump(_NAMELESS)}},
 ]
 
-_LAX = (
-    "product bug: the Python rules (spec.py _Model) validate in pydantic's lax mode, which coerces 'yes' to true "
-    "and '3' to 3, so `llm2llm validate` and the local runner accept a run.yaml that the API server refuses; "
-    "ConfigDict(strict=True) (or per-field Strict types) would make them agree"
-)
-
 CASES: list[Case] = [
     # --- types ---------------------------------------------------------------------------------
     A("type-maxIterations-string", {"loop": {"maxIterations": "three"}}, "spec.loop.maxIterations"),
     A("type-lr-string", {"student": {"training": {"lr": "fast"}}}, "spec.student.training.lr"),
-    A("type-suspend-string", {"suspend": "yes"}, "spec.suspend", python_accepts=_LAX),
-    A("type-maxIterations-numeric-string", {"loop": {"maxIterations": "3"}}, "spec.loop.maxIterations",
-      python_accepts=_LAX),
+    A("type-suspend-string", {"suspend": "yes"}, "spec.suspend"),
+    A("type-maxIterations-numeric-string", {"loop": {"maxIterations": "3"}}, "spec.loop.maxIterations"),
     A("type-seed-number", {"data": {"seed": 42}}, "spec.data.seed"),
     A("type-selector-value-int", {"ray": {"clusterSelector": {"ray.io/cluster": 5}}}, "spec.ray.clusterSelector"),
     A("type-labels-not-a-list", {"task": {"kind": "classification", "labels": "yes,no"}}, "spec.task.labels"),

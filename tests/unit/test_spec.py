@@ -58,6 +58,10 @@ BAD = [
     ("metadata.name", "Not_A_Name", "metadata.name"),
     ("spec.student.deepspeed.zeroStage", 4, "spec.student.deepspeed.zeroStage"),
     ("spec.output", "", "spec.output"),
+    # No coercion: the API server refuses these, so must `llm2llm validate`.
+    ("spec.suspend", "yes", "spec.suspend"),
+    ("spec.loop.maxIterations", "3", "spec.loop.maxIterations"),
+    ("spec.student.training.lr", "2e-5", "spec.student.training.lr"),
 ]
 
 
@@ -83,6 +87,18 @@ def test_every_cross_field_rule_can_fail():
     cases["task.teacherTemplate must contain the {input} slot"] = "teacherTemplate" in str(
         pytest.raises(SpecError, parse_run, _set(demo_doc(), "spec.task.teacherTemplate", "x")).value)
     assert all(cases.values()), [m for m, ok in cases.items() if not ok]
+
+
+def test_yaml_numbers_read_as_kubectl_reads_them(tmp_path):
+    # YAML 1.1 (PyYAML) reads `2e-5` as a string; kubectl sends a number. Strict validation must take it.
+    text = DEMO.read_text().replace("spec:\n", "spec:\n  activeDeadlineSeconds: 3600\n", 1)
+    doc = yaml.safe_load(text)
+    doc["spec"].setdefault("student", {}).setdefault("training", {})["lr"] = "@LR@"
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(doc).replace("'@LR@'", "2e-5"))
+    run = load_run(path)
+    assert run.spec.student.training.lr == 2e-5
+    assert run.spec.active_deadline_seconds == 3600
 
 
 def test_validate_cli_exit_codes(tmp_path, capsys):
