@@ -10,9 +10,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import posixpath
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import fsspec
 import urllib3
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
@@ -133,6 +135,7 @@ def _prepare(body: dict[str, Any], ctx: Context) -> _Target:
         storage = RunStorage(spec.output, meta["name"])
     except StorageError as err:
         raise Invalid("OutputUnsupported", f"spec.output: {err}") from None
+    _check_data(spec, storage)
     _check_secret(spec, ns, ctx)
     kind = spec.ray.launcher if spec.ray.launcher != "local" else ctx.settings.default_launcher
     if kind == "jobs-api":
@@ -175,6 +178,30 @@ def _localize(spec: AugmentationRunSpec, base: str | None) -> AugmentationRunSpe
                 and os.path.exists(os.path.join(base, model.model)):
             model.model = os.path.join(base, model.model)
     return spec
+
+
+def _check_data(spec: AugmentationRunSpec, storage: RunStorage) -> None:
+    """Catch a mistyped data.seed/data.test before any job is launched, where the operator can tell.
+
+    Jobs read the data, not the operator, and they may see another filesystem (a volume, the image), so
+    a path is judged only when the operator sees where it should be: a local file whose folder exists
+    here, or a URI on the output's own filesystem (which the operator must reach anyway). Anything
+    else is left to the job's prepare stage."""
+    for name, uri in (("data.seed", spec.data.seed), ("data.test", spec.data.test)):
+        if uri is None:
+            continue
+        try:
+            fs, path = fsspec.core.url_to_fs(uri)
+        except (ImportError, ValueError):
+            continue  # no driver here; the job may have one
+        if fs.protocol != storage.fs.protocol and "://" in uri:
+            continue
+        try:
+            missing = fs.exists(posixpath.dirname(path)) and not fs.isfile(path)
+        except OSError:
+            continue  # unreachable from here says nothing about the job's view
+        if missing:
+            raise Invalid("DataNotFound", f"spec.{name}: {uri} is not a file (its folder exists, so a typo?)")
 
 
 def _check_secret(spec: AugmentationRunSpec, ns: str, ctx: Context) -> None:
@@ -231,7 +258,9 @@ def _observe(target: _Target, status: RunStatus) -> Observed:
         n = len(iterations)
         done = tuple(s for s in STAGES if target.storage.stage_done(n, s) is not None)
     except StorageError as err:
-        raise Transient(str(err)) from err
+        # Not a Kopf retry with backoff, hidden in the operator's log: say it in status, and let the
+        # timer look again (the run goes on by itself once the storage is back).
+        raise Invalid("StorageUnavailable", f"spec.output {target.spec.output}: {err}", "Pending") from None
     jobs: dict[str, JobObservation] = {}
     for rec in status.jobs:
         if rec.state in TERMINAL:

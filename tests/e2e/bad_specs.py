@@ -173,14 +173,13 @@ CASES: list[Case] = [
       "NoRayCluster", "Failed", "clusterSelector", "clusterTemplate"),
     C("jobs-api-without-address", {"ray": {"launcher": "local", "clusterSelector": DELETE}},
       "NoRayAddress", "Failed", "address"),
-    C("output-unreachable", {"output": FILE + "/runs"}, None, None, FILE,
-      xfail="product gap: an unreadable/unwritable output is a Transient error (reconcile.py _observe -> "
-            "kopf.TemporaryError), retried forever and reported nowhere the user looks: no condition, no phase, "
-            "and no Event either, because handlers.py sets posting.level but Kopf 1.45 keeps "
-            "posting.loggers=False, so 'failed temporarily' only reaches the operator's log"),
-    C("seed-file-absent", {"data": {"seed": "/nonexistent/llm2llm/seed.jsonl"}}, None, None, "data.seed",
-      xfail="product gap: the operator never checks that data.seed exists (it can read local and fsspec "
-            "paths, as it does for spec.output): a typo launches a RayJob per attempt, each failing in prepare"),
+    C("output-unreachable", {"output": FILE + "/runs"}, "StorageUnavailable", "Pending", "spec.output", FILE,
+      "Not a directory"),
+    # The operator judges a data path where it sees its folder (FILE's folder exists; /data does not here).
+    C("seed-file-absent", {"data": {"seed": FILE + ".missing.jsonl"}}, "DataNotFound", "Failed", "spec.data.seed",
+      ".missing.jsonl"),
+    C("test-file-absent", {"data": {"test": FILE + ".test.jsonl"}}, "DataNotFound", "Failed", "spec.data.test"),
+    C("seed-is-a-folder", {"data": {"seed": OUT}}, "DataNotFound", "Failed", "spec.data.seed", "not a file"),
 ]
 
 

@@ -83,7 +83,8 @@ def _ctx(core=None, **settings) -> Context:
 
 
 def _body(tmp_path, status=None, **spec):
-    base = {"data": {"seed": "/s.jsonl"}, "output": str(tmp_path), "loop": {"maxIterations": 2},
+    # (the seed's folder does not exist here: a volume only the jobs mount, so the operator does not judge it)
+    base = {"data": {"seed": "/mnt-jobs-only/s.jsonl"}, "output": str(tmp_path), "loop": {"maxIterations": 2},
             "ray": {"launcher": "rayjob", "clusterSelector": {"c": "1"}}}
     base.update(spec)
     return {"apiVersion": "llm2llm.io/v1alpha1", "kind": "AugmentationRun",
@@ -172,6 +173,35 @@ def test_invalid_cases(tmp_path, spec, core, settings, reason):
     out = reconcile(_body(tmp_path, **spec), ctx)
     assert out.invalid is not None and out.invalid.reason == reason and out.action is None
     assert ctx.custom.jobs == {} and not ctx.fake_jobs
+
+
+def test_missing_data_file_is_refused_before_any_job(tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "seed.jsonl").write_text('{"question": "q", "answer": "a"}\n')
+    ctx = _ctx()
+    out = _step(_body(tmp_path, output=str(tmp_path / "runs"), data={"seed": str(tmp_path / "data" / "seed.jsonl"),
+                                                                     "test": str(tmp_path / "data" / "tset.jsonl")}), ctx)
+    assert out.invalid.reason == "DataNotFound" and "spec.data.test" in out.invalid.message
+    assert "tset.jsonl" in out.invalid.message and ctx.custom.jobs == {}
+    assert not (tmp_path / "runs").exists()
+
+
+def test_unreadable_output_is_reported_in_status_and_recovers(tmp_path):
+    blocker = tmp_path / "out"
+    blocker.write_text("a file where the output folder should be")
+    ctx, body = _ctx(), _body(tmp_path, output=str(blocker / "runs"))
+    out = _step(body, ctx)
+    assert out.invalid.reason == "StorageUnavailable" and ctx.custom.jobs == {}
+    ready = next(c for c in body["status"]["conditions"] if c["type"] == "Ready")
+    assert ready["status"] == "False" and str(blocker) in ready["message"] and body["status"]["phase"] == "Pending"
+    assert [e.reason for e in out.events] == ["StorageUnavailable"]
+    # Storage comes back: the next tick launches the first job, with no one touching the resource.
+    blocker.unlink()
+    blocker.mkdir()
+    out = _step(body, ctx)
+    assert isinstance(out.action, Launch) and out.submitted and len(ctx.custom.jobs) == 1
+    ready = next(c for c in body["status"]["conditions"] if c["type"] == "Ready")
+    assert ready["status"] == "True"
 
 
 def test_jobs_api_launcher_and_base_dir(tmp_path):
