@@ -111,6 +111,7 @@ def run_demo(out_dir: Path) -> tuple[dict, dict, Path, float]:
 
     from llm2llm.cli import _check_data
     from llm2llm.launch import JobsApiLauncher
+    from llm2llm.localray import LocalRayHead
     from llm2llm.runner import LocalRunner, format_table
     from llm2llm.spec import load_run
 
@@ -127,21 +128,24 @@ def run_demo(out_dir: Path) -> tuple[dict, dict, Path, float]:
         raise RuntimeError(problems)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    runner = LocalRunner(run)
-    t0 = time.monotonic()
-    status = runner.execute()
-    wall = time.monotonic() - t0
-    print(format_table(status), flush=True)
-    ray_jobs = {}
-    client = JobsApiLauncher(runner._dashboard).client
-    for job in status.jobs:
-        try:
-            info = client.get_job_info(job.name)
-            ray_jobs[job.name] = {"start_time_ms": info.start_time, "end_time_ms": info.end_time,
-                                  "seconds": round((info.end_time - info.start_time) / 1000, 2)
-                                  if info.end_time and info.start_time else None}
-        except Exception as err:  # the figures from status.json stand on their own
-            ray_jobs[job.name] = {"error": str(err)}
+    st = run.spec.student
+    # The head `llm2llm run` would start, held open here so the jobs' records can be read after the run.
+    with LocalRayHead(max(os.cpu_count() or 1, st.workers * st.cpus_per_worker + 2)) as address:
+        runner = LocalRunner(run, address=address)
+        t0 = time.monotonic()
+        status = runner.execute()
+        wall = time.monotonic() - t0
+        print(format_table(status), flush=True)
+        ray_jobs = {}
+        client = JobsApiLauncher(address).client
+        for job in status.jobs:
+            try:
+                info = client.get_job_info(job.name)
+                ray_jobs[job.name] = {"start_time_ms": info.start_time, "end_time_ms": info.end_time,
+                                      "seconds": round((info.end_time - info.start_time) / 1000, 2)
+                                      if info.end_time and info.start_time else None}
+            except Exception as err:  # the figures from status.json stand on their own
+                ray_jobs[job.name] = {"error": str(err)}
     return status.wire(), ray_jobs, out_dir / run.metadata.name, wall
 
 

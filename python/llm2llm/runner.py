@@ -18,6 +18,7 @@ from datetime import datetime, timezone
 from typing import Callable
 
 from .launch import JobsApiLauncher, entrypoint, job_env
+from .localray import LocalRayHead
 from .planner import Backoff, Finish, Idle, JobObservation, Launch, Observed, Stop, Wait, advance
 from .spec import AugmentationRun
 from .status import STAGES, TERMINAL, RunStatus
@@ -55,6 +56,8 @@ class LocalRunner:
         self.echo = echo or (lambda line: print(line, flush=True))
         self.store = RunStorage(self.spec.output, self.name)
         self.python = self.spec.ray.python or sys.executable
+        self._head: LocalRayHead | None = None
+        self._dashboard: str | None = None
 
     # --- setup -------------------------------------------------------------------------------
     def _uid(self) -> str:
@@ -70,20 +73,13 @@ class LocalRunner:
 
     def _ray(self) -> JobsApiLauncher:
         if self.address:
+            self._dashboard = self.address
             return JobsApiLauncher(self.address)
-        import ray
-
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        if not ray.is_initialized():
-            st = self.spec.student
-            # Logical CPUs: the trainer's workers plus the job driver and engines must fit, or Ray waits forever.
-            cpus = max(os.cpu_count() or 1, st.workers * st.cpus_per_worker + 2)
-            ctx = ray.init(num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1",
-                           log_to_driver=False, configure_logging=False)
-            self._dashboard = f"http://{ctx.dashboard_url}"
-        else:
-            self._dashboard = f"http://{ray.get_runtime_context().gcs_address.split(':')[0]}:8265"
+        st = self.spec.student
+        # Logical CPUs: the trainer's workers plus the job driver and engines must fit, or Ray waits forever.
+        cpus = max(os.cpu_count() or 1, st.workers * st.cpus_per_worker + 2)
+        self._head = LocalRayHead(cpus)
+        self._dashboard = self._head.start()
         return JobsApiLauncher(self._dashboard)
 
     def _status(self) -> RunStatus:
@@ -105,6 +101,13 @@ class LocalRunner:
 
     def execute(self) -> RunStatus:
         launcher = self._ray()
+        try:
+            return self._loop(launcher)
+        finally:
+            if self._head is not None:  # our own head: its jobs end with it (a re-run resumes them)
+                self._head.stop()
+
+    def _loop(self, launcher: JobsApiLauncher) -> RunStatus:
         uid = self._uid()
         status = self._status()
         status.output = self.store.uri()
@@ -152,9 +155,6 @@ class LocalRunner:
         except Exception as err:  # noqa: BLE001
             log.warning("MLflow tracking disabled: %s", err)
             return None
-
-    def job_logs(self, name: str) -> str:
-        return JobsApiLauncher(self._dashboard).logs(name)
 
 
 def _clock() -> str:
