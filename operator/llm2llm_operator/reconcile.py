@@ -204,22 +204,39 @@ def _check_data(spec: AugmentationRunSpec, storage: RunStorage) -> None:
             raise Invalid("DataNotFound", f"spec.{name}: {uri} is not a file (its folder exists, so a typo?)")
 
 
+# A run may hand a Secret to its teacher only when the Secret's owner opted in. The operator reads Secrets
+# with its own rights, so without this anyone allowed to create a run could send any key in the namespace to
+# an endpoint of their choosing (a confused deputy); labelling a Secret needs `update secrets`.
+SECRET_OPT_IN_LABEL = "llm2llm.io/teacher-key"
+SECRET_ENDPOINTS_ANNOTATION = "llm2llm.io/allowed-endpoints"
+
+
 def _check_secret(spec: AugmentationRunSpec, ns: str, ctx: Context) -> None:
     ref = spec.teacher.api_key_secret_ref
     if ref is None:
         return
+    where = f"spec.teacher.apiKeySecretRef: Secret {ns}/{ref.name}"
     try:
         secret = ctx.core.read_namespaced_secret(ref.name, ns)
     except ApiException as err:
         if err.status == 404:
-            raise Invalid("SecretNotFound", f"spec.teacher.apiKeySecretRef: Secret {ns}/{ref.name} not found",
-                          "Pending") from None
+            raise Invalid("SecretNotFound", f"{where} not found", "Pending") from None
         raise Transient(f"cannot read Secret {ns}/{ref.name}: {err.status} {err.reason}") from err
     except _K8S_ERRORS as err:
         raise Transient(f"cannot read Secret {ns}/{ref.name}: {err}") from err
+    meta = secret.metadata
+    if ((meta.labels if meta else None) or {}).get(SECRET_OPT_IN_LABEL) != "true":
+        raise Invalid("SecretNotAllowed", f"{where} is not labelled {SECRET_OPT_IN_LABEL}=true: a run may only "
+                                          "use a Secret its owner has opted in", "Pending")
+    allowed = ((meta.annotations if meta else None) or {}).get(SECRET_ENDPOINTS_ANNOTATION)
+    if allowed is not None:
+        prefixes = [p.strip() for p in allowed.split(",") if p.strip()]
+        if not any((spec.teacher.endpoint or "").startswith(p) for p in prefixes):
+            raise Invalid("EndpointNotAllowed", f"spec.teacher.endpoint {spec.teacher.endpoint!r} is not among the "
+                                                f"endpoints Secret {ns}/{ref.name} allows "
+                                                f"({SECRET_ENDPOINTS_ANNOTATION}: {allowed})", "Pending")
     if ref.key not in (secret.data or {}) and ref.key not in (secret.string_data or {}):
-        raise Invalid("SecretKeyNotFound",
-                      f"spec.teacher.apiKeySecretRef: Secret {ns}/{ref.name} has no key {ref.key!r}", "Pending")
+        raise Invalid("SecretKeyNotFound", f"{where} has no key {ref.key!r}", "Pending")
 
 
 def _cluster_template(name: str, ns: str, ctx: Context) -> dict[str, Any]:

@@ -68,7 +68,13 @@ TEMPLATE = {"launcher": "rayjob", "clusterSelector": DELETE}
 # Objects the condition cases refer to, created in the namespace before any case runs.
 _NAMELESS = {"headGroupSpec": {"rayStartParams": {}, "template": {"spec": {"containers": [{"image": "ray:1"}]}}}}
 NAMESPACE_OBJECTS: list[dict[str, Any]] = [
-    {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "nokey"}, "stringData": {"other": "x"}},
+    {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "nokey", "labels": {"llm2llm.io/teacher-key": "true"}},
+     "stringData": {"other": "x"}},
+    {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "plain"}, "stringData": {"token": "x"}},
+    {"apiVersion": "v1", "kind": "Secret",
+     "metadata": {"name": "pinned", "labels": {"llm2llm.io/teacher-key": "true"},
+                  "annotations": {"llm2llm.io/allowed-endpoints": "https://api.openai.com/"}},
+     "stringData": {"token": "x"}},
     {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "empty"}, "data": {"x": "y"}},
     {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "notyaml"},
      "data": {"rayClusterSpec": "headGroupSpec: [unclosed"}},
@@ -154,6 +160,10 @@ CASES: list[Case] = [
       "SecretNotFound", "Pending", "Secret", "absent"),
     C("secret-without-key", {"teacher": {**OPENAI, "apiKeySecretRef": {"name": "nokey", "key": "token"}}},
       "SecretKeyNotFound", "Pending", "nokey", "'token'"),
+    C("secret-not-opted-in", {"teacher": {**OPENAI, "apiKeySecretRef": {"name": "plain", "key": "token"}}},
+      "SecretNotAllowed", "Pending", "plain", "llm2llm.io/teacher-key=true"),
+    C("secret-pinned-elsewhere", {"teacher": {**OPENAI, "apiKeySecretRef": {"name": "pinned", "key": "token"}}},
+      "EndpointNotAllowed", "Pending", "https://llm.example/v1", "https://api.openai.com/"),
     C("template-missing", {"ray": {**TEMPLATE, "clusterTemplate": "absent"}},
       "ClusterTemplateNotFound", "Pending", "ConfigMap", "absent"),
     C("template-without-key", {"ray": {**TEMPLATE, "clusterTemplate": "empty"}},

@@ -521,7 +521,7 @@ class Flow:
 
     # the flow
     def setup(self) -> None:
-        self.core.create_namespaced_secret(self.ns, {"metadata": {"name": "teacher-key"},
+        self.core.create_namespaced_secret(self.ns, {"metadata": {"name": "teacher-key", "labels": {"llm2llm.io/teacher-key": "true"}},
                                                      "stringData": {"token": "sk-test-not-a-secret"}})
         self.core.create_namespaced_config_map(self.ns, {"metadata": {"name": "ray-template"},
                                                          "data": {"rayClusterSpec": yaml.safe_dump(TEMPLATE)}})

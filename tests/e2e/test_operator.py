@@ -182,7 +182,7 @@ def test_delete_stops_rayjobs_and_deletes_data_only_when_asked(api, operator, na
 def test_cluster_template_and_api_key_secret(api, operator, namespace, tmp_path, control_plane):
     operator(namespace)
     core = client.CoreV1Api(control_plane.api)
-    core.create_namespaced_secret(namespace, {"metadata": {"name": "openai"}, "stringData": {"token": SECRET_VALUE}})
+    core.create_namespaced_secret(namespace, {"metadata": {"name": "openai", "labels": {"llm2llm.io/teacher-key": "true"}}, "stringData": {"token": SECRET_VALUE}})
     template = {
         "rayVersion": "2.60.0",
         "headGroupSpec": {"rayStartParams": {}, "template": {"spec": {"containers": [
@@ -281,7 +281,9 @@ def test_bad_specs_caught_by_the_operator(api, operator, namespace, tmp_path, co
     # Default launcher jobs-api without an address, so `launcher: local` has nowhere to go.
     operator(namespace, "--default-launcher", "jobs-api")
     core = client.CoreV1Api(control_plane.api)
-    core.create_namespaced_secret(namespace, {"metadata": {"name": "nokey"}, "stringData": {"other": "x"}})
+    core.create_namespaced_secret(namespace, {"metadata": {"name": "nokey", "labels": {"llm2llm.io/teacher-key": "true"}},
+                                              "stringData": {"other": "x"}})
+    core.create_namespaced_secret(namespace, {"metadata": {"name": "plain"}, "stringData": {"token": "x"}})
     core.create_namespaced_config_map(namespace, {"metadata": {"name": "empty"}, "data": {"x": "y"}})
     nameless = {"headGroupSpec": {"template": {"spec": {"containers": [{"image": "ray:1"}]}}}}
     core.create_namespaced_config_map(namespace, {"metadata": {"name": "nameless"},
@@ -293,6 +295,8 @@ def test_bad_specs_caught_by_the_operator(api, operator, namespace, tmp_path, co
                       "SecretNotFound", "Pending", "Secret"),
         "no-secret-key": ({"teacher": {**openai, "apiKeySecretRef": {"name": "nokey", "key": "token"}}},
                           "SecretKeyNotFound", "Pending", "'token'"),
+        "not-opted-in": ({"teacher": {**openai, "apiKeySecretRef": {"name": "plain", "key": "token"}}},
+                         "SecretNotAllowed", "Pending", "llm2llm.io/teacher-key=true"),
         "no-template": ({"ray": {"launcher": "rayjob", "clusterTemplate": "missing"}},
                         "ClusterTemplateNotFound", "Pending", "ConfigMap"),
         "empty-template": ({"ray": {"launcher": "rayjob", "clusterTemplate": "empty"}},
@@ -317,7 +321,7 @@ def test_bad_specs_caught_by_the_operator(api, operator, namespace, tmp_path, co
     assert reasons.count("SecretNotFound") == 1  # one event per transition, not one per reconcile
 
     # Reference checks are level-based: once the Secret exists, the run starts.
-    core.create_namespaced_secret(namespace, {"metadata": {"name": "missing"}, "stringData": {"k": "v"}})
+    core.create_namespaced_secret(namespace, {"metadata": {"name": "missing", "labels": {"llm2llm.io/teacher-key": "true"}}, "stringData": {"k": "v"}})
     api.patch_spec("no-secret", {"ray": {"launcher": "rayjob", "clusterSelector": {"ray.io/cluster": "shared"}}})
     uid = api.run("no-secret")["metadata"]["uid"]
     wait_for(lambda: api.rayjob(job_name("no-secret", uid, 0, 1)), "the run to start once the Secret exists")

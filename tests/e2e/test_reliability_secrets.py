@@ -5,7 +5,9 @@
   the run's storage (raw bytes, and decoded Parquet/JSON: Parquet is zstd-compressed, so raw bytes alone
   could hide a leak).
 - RBAC on AugmentationRuns is ordinary namespaced RBAC: no access across namespaces.
-- Who may hand a Secret to a job: the operator's rights, not the run creator's (a known gap, xfail).
+- Who may hand a Secret to a job: only a Secret its owner labelled llm2llm.io/teacher-key=true. The operator
+  reads Secrets with its own rights, so without the opt-in anyone who may create a run could have any key
+  of the namespace sent to an endpoint of their choosing (a confused deputy).
 """
 
 from __future__ import annotations
@@ -93,7 +95,7 @@ def test_api_key_never_leaks(control_plane, augrun_crd, namespace, tmp_path, cap
     key = f"sk-reliability-{secrets.token_hex(12)}"
     core = client.CoreV1Api(control_plane.api)
     api = Api(control_plane, namespace)
-    core.create_namespaced_secret(namespace, {"metadata": {"name": "teacher-key"}, "stringData": {"token": key}})
+    core.create_namespaced_secret(namespace, {"metadata": {"name": "teacher-key", "labels": {"llm2llm.io/teacher-key": "true"}}, "stringData": {"token": key}})
     core.create_namespaced_config_map(namespace, {"metadata": {"name": "pool"},
                                                   "data": {"rayClusterSpec": yaml.safe_dump(TEMPLATE)}})
     op = start_operator(control_plane, tmp_path / "operator.log", namespace, "--verbose")
@@ -227,13 +229,6 @@ def test_rbac_is_namespaced(control_plane, augrun_crd, namespace):  # noqa: F811
     assert observed == {k: 403 for k in observed}, observed
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "security gap (confused deputy): the operator resolves teacher.apiKeySecretRef with its own rights "
-    "(reconcile.py _check_secret; rayjob.py _cluster_spec puts the secretKeyRef into the Ray pods), so anyone "
-    "who may create AugmentationRuns can have any Secret key in the namespace sent as a bearer token to an "
-    "endpoint of their choosing (teacher.endpoint), without `get secrets`. Needs an admission check of the "
-    "creator (SubjectAccessReview in a webhook) or a documented rule that create on augmentationruns implies "
-    "reading every Secret of the namespace"))
 def test_a_run_cannot_borrow_a_secret_its_creator_cannot_read(control_plane, augrun_crd, namespace,  # noqa: F811
                                                                tmp_path):
     core = client.CoreV1Api(control_plane.api)
@@ -256,9 +251,18 @@ def test_a_run_cannot_borrow_a_secret_its_creator_cannot_read(control_plane, aug
         api = Api(control_plane, namespace)
         uid = api.run("borrow")["metadata"]["uid"]
         # Settled either way: a RayJob (the Secret was handed over) or Ready=False (refused).
-        wait_for(lambda: api.rayjob(job_name("borrow", uid, 0, 1))
-                 or ((c := api.condition("borrow", "Ready")) and c["status"] == "False"), "the operator's decision")
+        cond = wait_for(lambda: api.rayjob(job_name("borrow", uid, 0, 1))
+                        or ((c := api.condition("borrow", "Ready")) and c["status"] == "False" and c),
+                        "the operator's decision")
         jobs = api.custom.list_namespaced_custom_object("ray.io", "v1", namespace, "rayjobs")["items"]
         assert not any("team-key" in json.dumps(j) for j in jobs), "bob's run got team-key into its Ray pods"
+        assert cond["reason"] == "SecretNotAllowed" and "llm2llm.io/teacher-key=true" in cond["message"], cond
+        # The Secret's owner opts in, pinning the endpoint the key may go to: bob's endpoint is still refused.
+        core.patch_namespaced_secret("team-key", namespace, {"metadata": {
+            "labels": {"llm2llm.io/teacher-key": "true"},
+            "annotations": {"llm2llm.io/allowed-endpoints": "https://api.openai.com/"}}})
+        wait_for(lambda: (c := api.condition("borrow", "Ready")) and c["reason"] == "EndpointNotAllowed",
+                 "EndpointNotAllowed once the Secret is opted in for another endpoint")
+        assert api.custom.list_namespaced_custom_object("ray.io", "v1", namespace, "rayjobs")["items"] == []
     finally:
         op.stop()

@@ -44,14 +44,21 @@ class FakeCustom:
         return {"items": [j for j in self.jobs.values() if not key or j["metadata"]["labels"].get(key) == value]}
 
 
+OPTED_IN = {"llm2llm.io/teacher-key": "true"}
+
+
 class FakeCore:
-    def __init__(self, secrets=None, config_maps=None):
+    def __init__(self, secrets=None, config_maps=None, secret_meta=None):
         self.secrets, self.config_maps = secrets or {}, config_maps or {}
+        # name -> (labels, annotations); opted in unless said otherwise
+        self.secret_meta = secret_meta or {}
 
     def read_namespaced_secret(self, name, ns):
         if name not in self.secrets:
             raise ApiException(status=404, reason="NotFound")
-        return SimpleNamespace(data=self.secrets[name], string_data=None)
+        labels, annotations = self.secret_meta.get(name, (OPTED_IN, None))
+        return SimpleNamespace(data=self.secrets[name], string_data=None,
+                               metadata=SimpleNamespace(labels=labels, annotations=annotations))
 
     def read_namespaced_config_map(self, name, ns):
         if name not in self.config_maps:
@@ -161,6 +168,13 @@ def test_invalid_spec_launches_nothing_and_reports_once(tmp_path):
      None, {}, "SecretNotFound"),
     ({"teacher": {"kind": "openai", "endpoint": "https://x", "apiKeySecretRef": {"name": "s", "key": "k"}}},
      FakeCore(secrets={"s": {"other": "eA=="}}), {}, "SecretKeyNotFound"),
+    ({"teacher": {"kind": "openai", "endpoint": "https://x", "apiKeySecretRef": {"name": "s", "key": "k"}}},
+     FakeCore(secrets={"s": {"k": "eA=="}}, secret_meta={"s": (None, None)}), {}, "SecretNotAllowed"),
+    ({"teacher": {"kind": "openai", "endpoint": "https://evil.example/v1",
+                  "apiKeySecretRef": {"name": "s", "key": "k"}}},
+     FakeCore(secrets={"s": {"k": "eA=="}},
+              secret_meta={"s": (OPTED_IN, {"llm2llm.io/allowed-endpoints": "https://api.openai.com/, https://x"})}),
+     {}, "EndpointNotAllowed"),
     ({"ray": {"launcher": "rayjob", "clusterTemplate": "t"}}, None, {}, "ClusterTemplateNotFound"),
     ({"ray": {"launcher": "rayjob", "clusterTemplate": "t"}}, FakeCore(config_maps={"t": {}}), {},
      "ClusterTemplateInvalid"),
@@ -270,3 +284,12 @@ def test_operator_imports_no_ml_stack():
             "'transformers') or m.startswith('ray.train')]; print(bad); sys.exit(1 if bad else 0)")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_opted_in_secret_with_allowed_endpoint_launches(tmp_path):
+    core = FakeCore(secrets={"s": {"k": "eA=="}},
+                    secret_meta={"s": (OPTED_IN, {"llm2llm.io/allowed-endpoints": "https://api.example/v1"})})
+    ctx = _ctx(core)
+    out = _step(_body(tmp_path, teacher={"kind": "openai", "endpoint": "https://api.example/v1",
+                                         "apiKeySecretRef": {"name": "s", "key": "k"}}), ctx)
+    assert out.invalid is None and out.submitted and len(ctx.custom.jobs) == 1
