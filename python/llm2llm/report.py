@@ -286,7 +286,7 @@ def plot_growth(its: list[IterationStatus], seed_rows: int | None) -> str:
         ax.set_ylabel("training rows")
         _count_axis(ax)
         _iter_axis(ax, xs)
-        ax.legend(loc="upper left")
+        _top_legend(ax, 2)  # above the axes: inside, it covered the first bar's label
 
     return _plot(draw)
 
