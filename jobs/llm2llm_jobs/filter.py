@@ -598,12 +598,16 @@ class CandidateFilter:
 
 
 def filter_candidates(
-    flt: CandidateFilter, generated: pa.Table, teacher_model: str, prompt_hash: str, iteration: int
+    flt: CandidateFilter, generated: pa.Table, teacher_model: str, prompt_hash: str, iteration: int,
+    cap: int | None = None,
 ) -> tuple[pa.Table, pa.Table, dict[str, int]]:
-    """Split teach-stage candidates (GENERATED rows, in order) into kept DATASET rows and REJECTED rows."""
+    """Split teach-stage candidates (GENERATED rows, in order) into kept DATASET rows and REJECTED rows.
+    With ``cap`` (loop.rowsPerRound), candidates after the first ``cap`` kept ones are rejected as round_cap."""
     kept, rejected, reasons = [], [], {}
     for cand in generated.to_pylist():
         reason = cand.get("parse_error")
+        if reason is None and cap is not None and len(kept) >= cap:
+            reason = "round_cap"
         if reason is None:
             question, answer = cand["input"], flt.clean(cand["output"])
             reason = flt.judge(cand["parent_id"], question, answer)

@@ -34,6 +34,7 @@ from llm2llm.tasks import Task
 
 from . import fanout
 from . import filter as flt
+from . import select as sel
 
 log = logging.getLogger("llm2llm_jobs.iteration")
 
@@ -169,7 +170,8 @@ class Iteration:
         from .models import resolve_model
 
         t = self.spec.teacher
-        failures = scored.filter(pc.and_(pc.equal(scored["split"], "seed"), pc.invert(scored["correct"]))).to_pylist()
+        # Failures (LLM2LLM) or, with loop.select random, randomly drawn seed examples: see select.py.
+        failures = self._selected(scored)
         model_path = resolve_model(t.model) if t.kind in ("vllm", "hf") else None
         existing, held_out = train_rows.column("input").to_pylist(), self._held_out_inputs()
         budget = self._teacher_budget_left()
@@ -196,13 +198,19 @@ class Iteration:
             totals["stopped"] = totals["stopped"] or res["stopped"]
         gen = pa.concat_tables(rows) if rows else GENERATED.empty_table()
         self.store.write_table(self._path("teach", "generated.parquet"), gen)
-        return {"failures": len(failures), "replicas": len(groups), "candidates": gen.num_rows, **totals}
+        return {"failures": _seed_failures(scored), "selected": len(failures), "replicas": len(groups),
+                "candidates": gen.num_rows, **totals}
 
     def filter(self, train_rows: pa.Table) -> dict[str, Any]:
         gen = self.store.read_table(self._path("teach", "generated.parquet"), GENERATED)
         cf = flt.CandidateFilter(self.task, self.spec.filters, self.spec.teacher.samples_per_failure,
                                  existing=train_rows.column("input").to_pylist(), held_out=self._held_out_inputs())
-        kept, rejected, reasons = flt.filter_candidates(cf, gen, self.spec.teacher.model, self.task.prompt_hash(), self.i)
+        cap = sel.round_cap(self.spec.loop, self.i)
+        if cap is not None:  # loop.rowsPerRound: keep the rows of the first-selected seed examples
+            scored = self.store.read_table(self._path("score", "scored.parquet"), SCORED)
+            gen = table(sel.in_selection_order(gen.to_pylist(), self._selected(scored)), GENERATED)
+        kept, rejected, reasons = flt.filter_candidates(cf, gen, self.spec.teacher.model, self.task.prompt_hash(), self.i,
+                                                        cap=cap)
         self.store.write_table(self._path("filter", "kept.parquet"), kept)
         self.store.write_table(self._path("filter", "rejected.parquet"), rejected)
         generated = gen.num_rows
@@ -216,6 +224,12 @@ class Iteration:
             raise RuntimeError("merge would duplicate rows: the filter must have dropped them")
         self.store.write_table(self._path("merge", "train.parquet"), merged)
         return {"rows": merged.num_rows, "added": kept.num_rows}
+
+    def _selected(self, scored: pa.Table) -> list[dict[str, Any]]:
+        """The scored seed rows the teacher is asked about this round (deterministic given the seed)."""
+        seed_rows = scored.filter(pc.equal(scored["split"], "seed")).to_pylist()
+        return sel.select_seed_rows(seed_rows, self.spec.loop, self.spec.teacher.samples_per_failure,
+                                    self.spec.student.training.seed, self.i)
 
     def _held_out_inputs(self) -> list[str]:
         if not (self.spec.data.test and self.spec.filters.decontaminate):
@@ -277,6 +291,10 @@ class Iteration:
         it.finished_at = now()
         self.store.write_iteration(it)
         return it
+
+
+def _seed_failures(scored: pa.Table) -> int:
+    return scored.filter(pc.and_(pc.equal(scored["split"], "seed"), pc.invert(scored["correct"]))).num_rows
 
 
 def _dump(result: Any) -> dict[str, Any]:

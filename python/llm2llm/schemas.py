@@ -74,6 +74,7 @@ REJECT_REASONS = (
     "contaminated",  # overlaps the held-out test set
     "over_sampled",  # more than samplesPerFailure survived for one parent
     "budget",  # teacher token budget used up
+    "round_cap",  # the round already added loop.rowsPerRound rows
 )
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Annotated, Any, Callable, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -147,6 +147,20 @@ class StopWhenSpec(_Model):
 class LoopSpec(_Model):
     max_iterations: int = Field(3, ge=1, le=100)
     stop_when: StopWhenSpec = Field(default_factory=StopWhenSpec)
+    select: Literal["failures", "random"] = Field(
+        "failures",
+        description="Which seed examples go to the teacher each round. failures: the ones the student got wrong "
+        "(LLM2LLM). random: seed examples drawn at random (seeded by student.training.seed and the iteration), "
+        "a control for measuring what the failures add; needs rowsPerRound.",
+    )
+    rows_per_round: list[Annotated[int, Field(ge=0, le=1_000_000)]] | None = Field(
+        None,
+        min_length=1,
+        max_length=100,
+        description="The most teacher rows round i adds (item i; the last item repeats). With select random the "
+        "teacher is asked about 2 x ceil(n / samplesPerFailure) seed examples in a random order and the first n "
+        "kept rows in that order are added. Unset: no cap.",
+    )
 
 
 class FiltersSpec(_Model):
@@ -265,6 +279,11 @@ CROSS_FIELD_RULES: list[Rule] = [
         "!has(self.loop.stopWhen.plateau) || self.loop.stopWhen.plateau.iterations < self.loop.maxIterations",
         "loop.stopWhen.plateau.iterations must be smaller than loop.maxIterations",
         lambda s: s.loop.stop_when.plateau is None or s.loop.stop_when.plateau.iterations < s.loop.max_iterations,
+    ),
+    Rule(
+        "self.loop.select != 'random' || has(self.loop.rowsPerRound)",
+        "loop.rowsPerRound is required when loop.select is random",
+        lambda s: s.loop.select != "random" or s.loop.rows_per_round is not None,
     ),
     Rule(
         "!has(self.task.studentTemplate) || self.task.studentTemplate.contains('{input}')",

@@ -27,6 +27,8 @@ def test_demo_is_valid_and_defaults_are_filled():
     # Defaults the user did not write are filled in from the model.
     assert run.spec.filters.near_threshold == 0.95
     assert run.spec.retry.max_attempts == 3
+    # The product's loop unless the user asks for a control: failures, no cap on rows per round.
+    assert run.spec.loop.select == "failures" and run.spec.loop.rows_per_round is None
 
 
 def _set(doc: dict, path: str, value) -> dict:
@@ -62,6 +64,10 @@ BAD = [
     ("spec.suspend", "yes", "spec.suspend"),
     ("spec.loop.maxIterations", "3", "spec.loop.maxIterations"),
     ("spec.student.training.lr", "2e-5", "spec.student.training.lr"),
+    ("spec.loop.select", "hardest", "spec.loop.select"),
+    ("spec.loop.select", "random", "loop.rowsPerRound is required when loop.select is random"),
+    ("spec.loop.rowsPerRound", [3, -1], "spec.loop.rowsPerRound.1"),
+    ("spec.loop.rowsPerRound", [], "spec.loop.rowsPerRound"),
 ]
 
 
