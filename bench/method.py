@@ -1,0 +1,417 @@
+"""Method benchmark (issue 7): does LLM2LLM's failure-driven augmentation beat its controls?
+
+    .venv/bin/python -m bench.method [--seeds 1 2 3] [--iterations 3] [--steps 8] [--workers 1] ...
+
+Four arms on the same seed set, model and per-iteration training budget (student.training.steps is fixed,
+so more rows never means more optimizer steps), each over the same training/selection seeds:
+
+- A  plain fine-tuning on the seed set (one iteration).
+- B  LLM2LLM, the product's default loop: seed-only failures, retrain from base, samplesPerFailure new rows
+     per failure per round (loop.select: failures).
+- C  random control: each round adds as many teacher rows as B kept in that round (same seed), written
+     from randomly drawn seed examples (loop.select: random, loop.rowsPerRound: B's kept counts).
+- D  one-shot bulk: all of C's rows generated in round one (loop.select: random, rowsPerRound: [sum]),
+     then one more training on seed + those rows (two iterations).
+
+Every arm is a real run of the product: a run.yaml (from --base, default examples/demo/run.yaml) written
+per arm and seed into --work, run with the LocalRunner (one Ray job per iteration on a local Ray), read
+back from its status.json. Iteration 0 is the same computation in every arm (same seed data, base model,
+steps and training seed), so A, C and D start from a copy of B's committed iteration-0 prepare/train/
+infer/score stages (the product's stage-level resume skips them); C and D then run their own teach
+stage. --no-reuse trains iteration 0 in every arm instead.
+
+Reports held-out test accuracy per iteration, mean and spread over the seeds, rows added per round,
+teacher acceptance, into bench/results/<name>.md/.json/.png. Re-running resumes finished runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from bench import _common as C
+
+ARMS = ("A", "B", "C", "D")
+ARM_NAMES = {
+    "A": "A plain fine-tuning",
+    "B": "B LLM2LLM (failures)",
+    "C": "C random control",
+    "D": "D one-shot bulk",
+}
+REUSED_STAGES = ("prepare", "train", "infer", "score")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="bench.method", description=__doc__.split("\n\n")[0])
+    p.add_argument("--base", default="examples/demo/run.yaml", help="run.yaml the arms are derived from")
+    p.add_argument("--name", default="method_demo", help="results name: bench/results/<name>.md/.json/.png")
+    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="training/selection seeds")
+    p.add_argument("--arms", default="ABCD", help="which arms (B runs first; C needs B, D needs C)")
+    p.add_argument("--iterations", type=int, default=3, help="loop.maxIterations for B and C")
+    p.add_argument("--steps", type=int, default=None, help="student.training.steps (default: the base's)")
+    p.add_argument("--workers", type=int, default=None, help="student.workers (default: the base's)")
+    p.add_argument("--seed-limit", type=int, default=None, help="data.seedLimit")
+    p.add_argument("--test-limit", type=int, default=None, help="data.testLimit")
+    p.add_argument("--teacher-rounds", type=int, default=None, help="teacher.maxRounds (default: the base's)")
+    p.add_argument("--work", default="/tmp/llm2llm-bench-method", help="scratch folder for the runs (not committed)")
+    p.add_argument("--no-reuse", action="store_true", help="train iteration 0 in every arm")
+    p.add_argument("--notes", default=None, help="a markdown file appended to the report (the analysis)")
+    return p.parse_args(argv)
+
+
+# --- run.yaml per arm --------------------------------------------------------------------------------
+def arm_doc(base: dict[str, Any], args: argparse.Namespace, arm: str, seed: int,
+            rows_per_round: list[int] | None = None, samples_per_failure: int | None = None) -> dict[str, Any]:
+    doc = json.loads(json.dumps(base))
+    doc["metadata"] = {"name": f"{args.name.replace('_', '-')}-{arm.lower()}-s{seed}"}
+    s = doc["spec"]
+    s["student"].setdefault("training", {})["seed"] = seed
+    if args.steps is not None:
+        s["student"]["training"]["steps"] = args.steps
+    if not s["student"]["training"].get("steps"):
+        raise SystemExit("the budget must be fixed: set student.training.steps in the base or pass --steps")
+    if args.workers is not None:
+        s["student"]["workers"] = args.workers
+    if args.seed_limit is not None:
+        s["data"]["seedLimit"] = args.seed_limit
+    if args.test_limit is not None:
+        s["data"]["testLimit"] = args.test_limit
+    if args.teacher_rounds is not None:
+        s.setdefault("teacher", {})["maxRounds"] = args.teacher_rounds
+    if samples_per_failure is not None:
+        s.setdefault("teacher", {})["samplesPerFailure"] = samples_per_failure
+    loop = s.setdefault("loop", {})
+    # Every arm runs all its iterations (a round with no failures adds nothing), so iteration counts match.
+    loop["stopWhen"] = {"noFailures": False}
+    loop["maxIterations"] = {"A": 1, "B": args.iterations, "C": args.iterations, "D": 2}[arm]
+    if arm in ("C", "D"):
+        loop["select"] = "random"
+        loop["rowsPerRound"] = rows_per_round
+    s["output"] = str(Path(args.work) / args.name)
+    s.setdefault("ray", {})["launcher"] = "local"
+    return doc
+
+
+def reuse_iteration0(src: Path, dest: Path) -> None:
+    """Copy B's committed iteration-0 stages that do not depend on the arm (and the prepared data)."""
+    if (dest / "iter-0").exists() or not (src / "iter-0" / "score" / "_DONE.json").exists():
+        return
+    shutil.copytree(src / "data", dest / "data", dirs_exist_ok=True)
+    for stage in REUSED_STAGES:
+        shutil.copytree(src / "iter-0" / stage, dest / "iter-0" / stage)
+
+
+def start_ray(num_cpus: int, timeout_s: float = 300.0):
+    """One private local Ray head for all the runs (the runner's own, on free ports); each run's jobs go to it
+    through the Jobs API, as the runner does with spec.ray.address. Returns (head, address) once it takes a
+    job: right after start-up a loaded machine answers 'No available agent to submit job' for a while."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    from llm2llm.localray import LocalRayHead
+
+    head = LocalRayHead(num_cpus)
+    address = head.start()
+    client = JobSubmissionClient(address)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            job = client.submit_job(entrypoint="true")
+            break
+        except (RuntimeError, ConnectionError) as err:
+            if time.monotonic() > deadline:
+                head.stop()
+                raise SystemExit(f"local Ray at {address} takes no job after {timeout_s:.0f}s: {err}") from None
+            time.sleep(3)
+    while client.get_job_status(job) not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+        time.sleep(1)
+    print(f"local Ray at {address} ({num_cpus} logical CPUs) takes jobs", flush=True)
+    return head, address
+
+
+def run_arm(doc: dict[str, Any], work: Path, log: Path, address: str) -> dict[str, Any]:
+    """Run one arm's run.yaml with the product's LocalRunner; returns its status.json and wall time."""
+    from llm2llm.runner import LocalRunner, format_table
+    from llm2llm.spec import parse_run
+
+    name = doc["metadata"]["name"]
+    path = work / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    run = parse_run(doc, str(path))  # validated exactly as `llm2llm validate` would
+    out = Path(doc["spec"]["output"]) / name
+    status_path = out / "status.json"
+    wall_path = out / "bench_wall.json"
+    if status_path.exists() and json.loads(status_path.read_text()).get("phase") == "Succeeded":
+        print(f"[{name}] already finished, reading {status_path}", flush=True)
+        wall = json.loads(wall_path.read_text())["wall_s"] if wall_path.exists() else None
+        return {"status": json.loads(status_path.read_text()), "wall_s": wall, "run_yaml": str(path)}
+    print(f"[{name}] {time.strftime('%H:%M:%S')} start, load {C.load_str()}", flush=True)
+    t0 = time.monotonic()
+    with open(log, "a") as fh:
+        status = LocalRunner(run, address=address, echo=lambda line: (fh.write(f"[{name}] {line}\n"), fh.flush())).execute()
+    wall = round(time.monotonic() - t0, 1)
+    wall_path.write_text(json.dumps({"wall_s": wall}))
+    print(format_table(status), flush=True)
+    print(f"[{name}] {time.strftime('%H:%M:%S')} {status.phase} in {wall:.0f}s", flush=True)
+    if status.phase != "Succeeded":
+        raise SystemExit(f"{name}: run {status.phase} ({status.stop_reason}); see {log}")
+    return {"status": status.wire(), "wall_s": wall, "run_yaml": str(path)}
+
+
+# --- analysis -----------------------------------------------------------------------------------------
+def per_iteration(status: dict[str, Any]) -> list[dict[str, Any]]:
+    out = []
+    for it in status["iterations"]:
+        rej = it.get("rejected") or {}
+        out.append({
+            "iteration": it["index"], "train_rows": it.get("trainRows"), "train_steps": it.get("trainSteps"),
+            "tokens_trained": (it.get("tokens") or {}).get("trained"), "train_loss": it.get("trainLoss"),
+            "seed_accuracy": it.get("seedAccuracy"), "test_accuracy": it.get("testAccuracy"),
+            "failures": it.get("failures", 0), "generated": it.get("generated", 0), "kept": it.get("kept", 0),
+            "rejected": rej,
+        })
+    return out
+
+
+def mean_spread(values: list[float]) -> tuple[float, float, float, float]:
+    """mean, sample standard deviation (0 for one value), min, max."""
+    m = statistics.fmean(values)
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return m, sd, min(values), max(values)
+
+
+def fmt(values: list[float]) -> str:
+    if not values:
+        return "-"
+    m, sd, lo, hi = mean_spread(values)
+    if len(values) == 1:
+        return f"{m:.3f}"
+    return f"{m:.3f} ± {sd:.3f} [{lo:.3f}, {hi:.3f}]"
+
+
+def summarize(results: dict[str, dict[int, dict[str, Any]]], iterations: int) -> dict[str, Any]:
+    summary: dict[str, Any] = {}
+    for arm, by_seed in results.items():
+        its = {s: per_iteration(r["status"]) for s, r in by_seed.items()}
+        n = max(len(v) for v in its.values())
+        rows = []
+        for i in range(n):
+            acc = [v[i]["test_accuracy"] for v in its.values() if len(v) > i and v[i]["test_accuracy"] is not None]
+            rows.append({
+                "iteration": i,
+                "test_accuracy": acc,
+                "train_rows": [v[i]["train_rows"] for v in its.values() if len(v) > i],
+                "kept": [v[i]["kept"] for v in its.values() if len(v) > i],
+                "generated": [v[i]["generated"] for v in its.values() if len(v) > i],
+                "failures": [v[i]["failures"] for v in its.values() if len(v) > i],
+                "train_steps": [v[i]["train_steps"] for v in its.values() if len(v) > i],
+            })
+        final = [v[-1]["test_accuracy"] for v in its.values() if v and v[-1]["test_accuracy"] is not None]
+        summary[arm] = {"per_iteration": rows, "final_test_accuracy": final}
+    return summary
+
+
+def markdown(args: argparse.Namespace, cmd: str, settings: dict[str, Any], summary: dict[str, Any],
+             results: dict[str, dict[int, dict[str, Any]]], notes: list[str]) -> str:
+    arms = [a for a in ARMS if a in summary]
+    n_it = max(len(summary[a]["per_iteration"]) for a in arms)
+    head = ["arm", *[f"iter {i}" for i in range(n_it)], "final"]
+    rows = []
+    for a in arms:
+        per = summary[a]["per_iteration"]
+        rows.append([ARM_NAMES[a], *[fmt(per[i]["test_accuracy"]) if i < len(per) else "-" for i in range(n_it)],
+                     fmt(summary[a]["final_test_accuracy"])])
+    detail_head = ["arm", "seed", "iter", "train rows", "steps", "seed acc", "test acc", "failures", "generated",
+                   "kept", "rejected"]
+    detail = []
+    for a in arms:
+        for s, r in sorted(results[a].items()):
+            for it in per_iteration(r["status"]):
+                rej = ", ".join(f"{k}={v}" for k, v in sorted(it["rejected"].items())) or "-"
+                detail.append([a, s, it["iteration"], it["train_rows"], it["train_steps"],
+                               _f(it["seed_accuracy"]), _f(it["test_accuracy"]), it["failures"], it["generated"],
+                               it["kept"], rej])
+    lines = [
+        f"Command: `{cmd}`",
+        "",
+        "Settings: " + ", ".join(f"{k} {v}" for k, v in settings.items()) + ".",
+        "",
+        "Held-out test accuracy per iteration: mean ± sample standard deviation [min, max] over the seeds "
+        f"({', '.join(str(s) for s in args.seeds)}). A trains once; D trains twice (seed, then seed + all its rows).",
+        "",
+        C.md_table(head, rows),
+        "",
+        "Per run (rows added per round = kept; teacher output: generated = candidates, rejected by reason):",
+        "",
+        C.md_table(detail_head, detail),
+        "",
+        *notes,
+    ]
+    return "\n".join(lines)
+
+
+def comparisons(summary: dict[str, Any], results: dict[str, dict[int, dict[str, Any]]]) -> list[str]:
+    """Final-accuracy differences of B against each control, paired by seed, and teacher acceptance."""
+    out = []
+    if "B" not in summary:
+        return out
+    b_final = {s: per_iteration(r["status"])[-1]["test_accuracy"] for s, r in results["B"].items()}
+    for arm in ("A", "C", "D"):
+        if arm not in results:
+            continue
+        diffs = [b_final[s] - per_iteration(r["status"])[-1]["test_accuracy"] for s, r in results[arm].items()
+                 if b_final.get(s) is not None and per_iteration(r["status"])[-1]["test_accuracy"] is not None]
+        if diffs:
+            wins = sum(d > 0 for d in diffs)
+            ties = sum(d == 0 for d in diffs)
+            out.append(f"- B final - {ARM_NAMES[arm]} final, paired by seed: {fmt(diffs)} "
+                       f"(B higher in {wins}, equal in {ties} of {len(diffs)} seeds).")
+    for arm in ("B", "C", "D"):
+        if arm not in results:
+            continue
+        gen = sum(it["generated"] for r in results[arm].values() for it in per_iteration(r["status"]))
+        kept = sum(it["kept"] for r in results[arm].values() for it in per_iteration(r["status"]))
+        fails = sum(it["failures"] for r in results[arm].values() for it in per_iteration(r["status"])[:-1])
+        share = f"{kept / gen:.0%}" if gen else "-"
+        out.append(f"- {ARM_NAMES[arm]}: {gen} teacher candidates, {kept} kept ({share}) over all seeds and rounds"
+                   + (f"; {fails} seed failures in the rounds that asked the teacher." if arm == "B" else "."))
+    return out
+
+
+def _f(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
+def plot(name: str, summary: dict[str, Any]) -> Path | None:
+    plt = C.pyplot()
+    if plt is None:
+        return None
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    colors = {"A": "tab:gray", "B": "tab:blue", "C": "tab:orange", "D": "tab:green"}
+    offsets = {"A": -0.09, "B": -0.03, "C": 0.03, "D": 0.09}  # keep equal points apart
+    n_it = max(len(v["per_iteration"]) for v in summary.values())
+    for arm in ARMS:
+        if arm not in summary:
+            continue
+        per = [p for p in summary[arm]["per_iteration"] if p["test_accuracy"]]
+        ms = [statistics.fmean(p["test_accuracy"]) for p in per]
+        lo = [m - min(p["test_accuracy"]) for m, p in zip(ms, per)]
+        hi = [max(p["test_accuracy"]) - m for m, p in zip(ms, per)]
+        xs = [p["iteration"] + offsets[arm] for p in per]
+        style = dict(marker="o", capsize=4, label=ARM_NAMES[arm], color=colors[arm])
+        ax1.errorbar(xs, ms, yerr=[lo, hi], **style)
+        if arm == "A":  # one training: its level, for reference across the iterations
+            ax1.axhline(ms[0], color=colors[arm], ls="--", lw=1)
+        rows = [statistics.fmean(p["train_rows"]) for p in per]
+        ax2.errorbar(rows, ms, yerr=[lo, hi], **style)
+    ax1.set_xticks(range(n_it))
+    ax1.set_xlabel("iteration (fixed training steps each)")
+    ax1.set_ylabel("test accuracy (mean; bars: min-max over seeds)")
+    ax2.set_xlabel("training rows (seed + teacher rows, mean over seeds)")
+    ax1.set_title("held-out accuracy per iteration")
+    ax2.set_title("held-out accuracy vs training rows")
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+    ax1.legend(fontsize=8)
+    return C.save_plot(fig, name)
+
+
+# --- main ---------------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    cmd = ".venv/bin/python -m bench.method " + " ".join(sys.argv[1:] if argv is None else argv)
+    arms = [a for a in ARMS if a in args.arms.upper()]
+    if ("C" in arms or "A" in arms) and "B" not in arms:
+        raise SystemExit("arms A and C need B (A reuses B's iteration 0, C copies B's per-round counts)")
+    if "D" in arms and "C" not in arms:
+        raise SystemExit("arm D needs C (it generates all of C's rows in round one)")
+    base = yaml.safe_load((C.ROOT / args.base).read_text())
+    work = Path(args.work)
+    (work / args.name).mkdir(parents=True, exist_ok=True)
+    log = work / f"{args.name}.runs.log"
+    print(f"bench.method: arms {''.join(arms)}, seeds {args.seeds}, work {work}, runner log {log}", flush=True)
+    t_start = time.monotonic()
+    st = arm_doc(base, args, "B", args.seeds[0])["spec"]["student"]
+    head, address = start_ray(max(os.cpu_count() or 1, st.get("workers", 1) * st.get("cpusPerWorker", 1) + 2))
+    try:
+        return _run_all(args, base, arms, work, log, address, cmd, t_start)
+    finally:
+        head.stop()
+
+
+def _run_all(args: argparse.Namespace, base: dict[str, Any], arms: list[str], work: Path, log: Path, address: str,
+             cmd: str, t_start: float) -> int:
+    results: dict[str, dict[int, dict[str, Any]]] = {a: {} for a in arms}
+    notes: list[str] = []
+    out_root = work / args.name
+    for seed in args.seeds:
+        b = run_arm(arm_doc(base, args, "B", seed), work, log, address)
+        results["B"][seed] = b
+        b_name = arm_doc(base, args, "B", seed)["metadata"]["name"]
+        b_dir = out_root / b_name
+        kept_b = [it.get("kept", 0) for it in b["status"]["iterations"]][: args.iterations - 1] or [0]
+        for arm in arms:
+            if arm == "B":
+                continue
+            if arm == "A":
+                doc = arm_doc(base, args, "A", seed)
+            elif arm == "C":
+                doc = arm_doc(base, args, "C", seed, rows_per_round=kept_b)
+            else:
+                c_its = results["C"][seed]["status"]["iterations"]
+                total = sum(it.get("kept", 0) for it in c_its)
+                seed_rows = c_its[0]["trainRows"]
+                k = max(1, math.ceil(total / max(seed_rows, 1)))
+                doc = arm_doc(base, args, "D", seed, rows_per_round=[total], samples_per_failure=k)
+            if not args.no_reuse:
+                reuse_iteration0(b_dir, out_root / doc["metadata"]["name"])
+            results[arm][seed] = run_arm(doc, work, log, address)
+    summary = summarize(results, args.iterations)
+    base_spec = arm_doc(base, args, "B", args.seeds[0])["spec"]
+    st = base_spec["student"]
+    settings = {
+        "base": args.base,
+        "student": f"{st['model']} {st.get('method', 'lora')}",
+        "training steps per iteration": st["training"]["steps"],
+        "batch size": st["training"].get("batchSize", 8),
+        "lr": st["training"].get("lr"),
+        "workers": st.get("workers", 1),
+        "teacher": f"{base_spec['teacher'].get('kind')} {base_spec['teacher'].get('model')}, "
+                   f"samplesPerFailure {base_spec['teacher'].get('samplesPerFailure', 1)}, "
+                   f"maxRounds {base_spec['teacher'].get('maxRounds', 3)}, "
+                   f"temperature {base_spec['teacher'].get('temperature', 1.0)}",
+        "seedLimit": base_spec["data"].get("seedLimit", "all"),
+        "testLimit": base_spec["data"].get("testLimit", "all"),
+        "maxIterations (B, C)": args.iterations,
+        "iteration 0 shared from B": not args.no_reuse,
+    }
+    wall = round(time.monotonic() - t_start, 1)
+    run_walls = [r["wall_s"] for by in results.values() for r in by.values() if r["wall_s"] is not None]
+    notes.append(f"Run wall time, all runs: {sum(run_walls) / 60:.1f} min ({len(run_walls)} runs timed).")
+    notes += ["", "## Measured differences", "", *comparisons(summary, results)]
+    if args.notes:
+        notes += ["", Path(args.notes).read_text().strip()]
+    md = markdown(args, cmd, settings, summary, results, notes)
+    payload = {
+        "command": cmd, "settings": settings, "seeds": args.seeds, "arms": arms, "summary": summary,
+        "runs": {a: {str(s): {"wall_s": r["wall_s"], "run_yaml": r["run_yaml"],
+                              "iterations": per_iteration(r["status"])} for s, r in by.items()}
+                 for a, by in results.items()},
+        "bench_wall_s": wall,
+    }
+    C.save(args.name, payload, md)
+    plot(args.name, summary)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
