@@ -58,7 +58,7 @@ def test_crd_is_accepted_with_cel_rules(control_plane, augrun_crd, api):
     # The API server fills in defaults, but never switches on an optional feature: an absent
     # loop.stopWhen.plateau stays absent (a `{}` default once made it plateau-stop every run).
     created = api.create_run(run_doc("defaults", "/tmp/out", loop={"maxIterations": 3}))
-    assert created["spec"]["loop"] == {"maxIterations": 3, "stopWhen": {"noFailures": True}}
+    assert created["spec"]["loop"] == {"maxIterations": 3, "stopWhen": {"noFailures": True}, "select": "failures"}
     assert created["spec"]["student"]["training"]["lr"] == 2e-5
 
 
