@@ -35,7 +35,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
@@ -138,7 +138,7 @@ def start_ray(num_cpus: int, timeout_s: float = 300.0):
     return head, address
 
 
-def run_arm(doc: dict[str, Any], work: Path, log: Path, address: str) -> dict[str, Any]:
+def run_arm(doc: dict[str, Any], work: Path, log: Path, address: Callable[[], str]) -> dict[str, Any]:
     """Run one arm's run.yaml with the product's LocalRunner; returns its status.json and wall time."""
     from llm2llm.runner import LocalRunner, format_table
     from llm2llm.spec import parse_run
@@ -157,7 +157,7 @@ def run_arm(doc: dict[str, Any], work: Path, log: Path, address: str) -> dict[st
     print(f"[{name}] {time.strftime('%H:%M:%S')} start, load {C.load_str()}", flush=True)
     t0 = time.monotonic()
     with open(log, "a") as fh:
-        status = LocalRunner(run, address=address, echo=lambda line: (fh.write(f"[{name}] {line}\n"), fh.flush())).execute()
+        status = LocalRunner(run, address=address(), echo=lambda line: (fh.write(f"[{name}] {line}\n"), fh.flush())).execute()
     wall = round(time.monotonic() - t0, 1)
     wall_path.write_text(json.dumps({"wall_s": wall}))
     print(format_table(status), flush=True)
@@ -180,6 +180,16 @@ def per_iteration(status: dict[str, Any]) -> list[dict[str, Any]]:
             "rejected": rej,
         })
     return out
+
+
+def added_rows(output: str) -> list[dict[str, Any]]:
+    """The teacher rows a run added (every iteration's filter/kept.parquet), for the label mix."""
+    import pyarrow.parquet as pq
+
+    rows = []
+    for kept in sorted(Path(output).glob("iter-*/filter/kept.parquet")):
+        rows += pq.read_table(kept, columns=["parent_id", "iteration", "input", "output"]).to_pylist()
+    return rows
 
 
 def mean_spread(values: list[float]) -> tuple[float, float, float, float]:
@@ -278,6 +288,14 @@ def comparisons(summary: dict[str, Any], results: dict[str, dict[int, dict[str, 
     for arm in ("B", "C", "D"):
         if arm not in results:
             continue
+        labels: dict[str, int] = {}
+        for r in results[arm].values():
+            for row in added_rows(r["status"]["output"]):
+                key = row["output"] if len(row["output"]) <= 20 else "(long)"
+                labels[key] = labels.get(key, 0) + 1
+        if labels:
+            mix = ", ".join(f"{k} {v}" for k, v in sorted(labels.items(), key=lambda kv: -kv[1]))
+            out.append(f"- {ARM_NAMES[arm]}: outputs of the added rows, all seeds: {mix}.")
         gen = sum(it["generated"] for r in results[arm].values() for it in per_iteration(r["status"]))
         kept = sum(it["kept"] for r in results[arm].values() for it in per_iteration(r["status"]))
         fails = sum(it["failures"] for r in results[arm].values() for it in per_iteration(r["status"])[:-1])
@@ -341,15 +359,24 @@ def main(argv: list[str] | None = None) -> int:
     print(f"bench.method: arms {''.join(arms)}, seeds {args.seeds}, work {work}, runner log {log}", flush=True)
     t_start = time.monotonic()
     st = arm_doc(base, args, "B", args.seeds[0])["spec"]["student"]
-    head, address = start_ray(max(os.cpu_count() or 1, st.get("workers", 1) * st.get("cpusPerWorker", 1) + 2))
+    heads: list[Any] = []
+
+    def address() -> str:
+        """The shared Ray head, started when the first unfinished run needs it (a re-run of a finished
+        bench only re-reads the statuses)."""
+        if not heads:
+            heads.append(start_ray(max(os.cpu_count() or 1, st.get("workers", 1) * st.get("cpusPerWorker", 1) + 2)))
+        return heads[0][1]
+
     try:
         return _run_all(args, base, arms, work, log, address, cmd, t_start)
     finally:
-        head.stop()
+        for head, _ in heads:
+            head.stop()
 
 
-def _run_all(args: argparse.Namespace, base: dict[str, Any], arms: list[str], work: Path, log: Path, address: str,
-             cmd: str, t_start: float) -> int:
+def _run_all(args: argparse.Namespace, base: dict[str, Any], arms: list[str], work: Path, log: Path,
+             address: Callable[[], str], cmd: str, t_start: float) -> int:
     results: dict[str, dict[int, dict[str, Any]]] = {a: {} for a in arms}
     notes: list[str] = []
     out_root = work / args.name
