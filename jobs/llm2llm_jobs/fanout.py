@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
-from typing import Any
+from typing import Any, Callable
 
 from llm2llm.spec import AugmentationRunSpec
 from llm2llm.tasks import Task
@@ -23,17 +23,43 @@ def _call(path: str, kwargs: dict[str, Any]) -> Any:
     return getattr(importlib.import_module(module), fn)(**kwargs)
 
 
-def run_tasks(path: str, calls: list[dict[str, Any]], *, gpus: float = 0, cpus: float = 1, retries: int = 2) -> list[Any]:
+def run_tasks(path: str, calls: list[dict[str, Any]], *, gpus: float = 0, cpus: float = 1, retries: int = 2,
+              on_result: Callable[[int, Any], None] | None = None) -> list[Any]:
     """Run ``module:function`` once per kwargs dict, in parallel Ray tasks when Ray is up; results in
-    call order. Without Ray (unit tests, a plain process) the calls run here, one after another."""
+    call order. ``on_result(i, result)`` runs here as each call finishes, so the caller can commit it at
+    once: a stage that dies later loses none of the finished calls. Without Ray (unit tests, a plain
+    process) the calls run here, one after another."""
     import ray
 
     if not ray.is_initialized():
-        return [_call(path, kw) for kw in calls]
+        out = []
+        for i, kw in enumerate(calls):
+            out.append(_call(path, kw))
+            if on_result is not None:
+                on_result(i, out[-1])
+        return out
     # max_calls is a decoration-time setting (Ray refuses it in .options()).
     remote = ray.remote(max_calls=1)(_call).options(num_cpus=cpus, num_gpus=gpus, max_retries=retries,
                                                     retry_exceptions=False)
-    return ray.get([remote.remote(path, kw) for kw in calls])
+    refs = [remote.remote(path, kw) for kw in calls]
+    index = {ref: i for i, ref in enumerate(refs)}
+    results: list[Any] = [None] * len(refs)
+    pending, error = refs, None
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1)
+        i = index[ready[0]]
+        try:
+            results[i] = ray.get(ready[0])
+        except Exception as err:
+            # Let the other calls finish and be committed: a retried stage then redoes only this one.
+            log.error("task %d of %s failed: %s", i, path, err)
+            error = error or err
+            continue
+        if on_result is not None:
+            on_result(i, results[i])
+    if error is not None:
+        raise error
+    return results
 
 
 def shards(items: list, n: int) -> list[list]:

@@ -179,16 +179,20 @@ class Iteration:
         share = None if budget is None else budget // max(len(groups), 1)
         # Each replica's output is its own committed file: a retried job redoes only missing shards.
         todo = [k for k in range(len(groups)) if not self.store.exists(self._path("teach", f"shard-{k}.json"))]
-        results = fanout.run_tasks(
+
+        def commit(j: int, res: dict[str, Any]) -> None:
+            # As each shard finishes, not after all: a job that dies while another shard still runs keeps it.
+            k = todo[j]
+            self.store.write_table(self._path("teach", f"shard-{k}.parquet"), table(res.pop("rows"), GENERATED))
+            self.store.write_json(self._path("teach", f"shard-{k}.json"), res)  # the shard's commit marker
+
+        fanout.run_tasks(
             "llm2llm_jobs.fanout:teach_shard",
             [dict(spec=self.spec.model_dump(mode="json", by_alias=True), model_path=model_path, failures=groups[k],
                   existing=existing, held_out=held_out, iteration=self.i, shard=k, token_budget=share,
                   api_key_env=API_KEY_ENV) for k in todo],
-            gpus=t.tensor_parallel if self._gpus() else 0,
+            gpus=t.tensor_parallel if self._gpus() else 0, on_result=commit,
         )
-        for k, res in zip(todo, results):
-            self.store.write_table(self._path("teach", f"shard-{k}.parquet"), table(res.pop("rows"), GENERATED))
-            self.store.write_json(self._path("teach", f"shard-{k}.json"), res)
         rows, totals = [], {"prompt_tokens": 0, "completion_tokens": 0, "stopped": None}
         for k in range(len(groups)):
             rows.append(self.store.read_table(self._path("teach", f"shard-{k}.parquet"), GENERATED))

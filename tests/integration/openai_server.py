@@ -5,7 +5,10 @@
   chat completions through transformers (chat template, sampling, usage counts), plus what the tests
   need to observe the client: ``GET /stats`` (requests, faults, max requests in flight) and
   ``POST /admin/faults`` (answer the next ``count`` chat requests with ``status``, ``-1`` = always,
-  optionally with a Retry-After header). Admin endpoints need no key: test use only.
+  optionally with a Retry-After header), ``{"hold": [TEXT, ...]}`` (keep every chat request whose last message
+  contains one of the TEXTs in flight, unanswered, until the hold is lifted with ``{"hold": null}``). ``/stats`` also
+  lists each admitted request's last message (``prompts``) and counts the requests held now (``held``).
+  Admin endpoints need no key: test use only.
 """
 
 from __future__ import annotations
@@ -87,8 +90,9 @@ def build_app(model_path: str, api_key: str) -> FastAPI:
     tok = AutoTokenizer.from_pretrained(model_path)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
     gen_lock = threading.Lock()  # one generate at a time; requests still overlap while they wait
-    stats = {"unauthorized": 0, "requests": 0, "faults": 0, "completed": 0, "in_flight": 0, "max_in_flight": 0}
-    faults = {"status": 0, "count": 0, "retry_after": None}
+    stats = {"unauthorized": 0, "requests": 0, "faults": 0, "completed": 0, "in_flight": 0, "max_in_flight": 0,
+             "held": 0, "prompts": []}
+    faults = {"status": 0, "count": 0, "retry_after": None, "hold": None}
     app = FastAPI()
 
     def error(status: int, message: str, code: str, headers: dict | None = None) -> JSONResponse:
@@ -115,6 +119,9 @@ def build_app(model_path: str, api_key: str) -> FastAPI:
             used_total += used
         return choices, prompt_len, used_total
 
+    def held(text: str) -> bool:
+        return any(h in text for h in faults["hold"] or [])
+
     @app.get("/health")
     async def health():
         return {"ok": True}
@@ -130,8 +137,8 @@ def build_app(model_path: str, api_key: str) -> FastAPI:
 
     @app.post("/admin/reset")
     async def reset():
-        stats.update(unauthorized=0, requests=0, faults=0, completed=0, max_in_flight=stats["in_flight"])
-        faults.update(status=0, count=0, retry_after=None)
+        stats.update(unauthorized=0, requests=0, faults=0, completed=0, max_in_flight=stats["in_flight"], prompts=[])
+        faults.update(status=0, count=0, retry_after=None, hold=None)
         return stats
 
     @app.get("/v1/models")
@@ -154,6 +161,16 @@ def build_app(model_path: str, api_key: str) -> FastAPI:
                 headers = {"retry-after": str(faults["retry_after"])} if faults["retry_after"] is not None else None
                 return error(faults["status"], f"injected fault {faults['status']}", "injected", headers)
             body = await req.json()
+            last = body["messages"][-1]["content"]
+            stats["prompts"].append(last)
+            if held(last):
+                # Held in flight, so a test can act (kill the client, say) while this request is open.
+                stats["held"] += 1
+                try:
+                    while held(last):
+                        await asyncio.sleep(0.05)
+                finally:
+                    stats["held"] -= 1
             choices, prompt_tokens, completion_tokens = await asyncio.to_thread(
                 generate, body["messages"], int(body.get("n") or 1), float(body.get("temperature", 1.0)),
                 float(body.get("top_p", 1.0)), int(body.get("max_tokens") or body.get("max_completion_tokens") or 64),

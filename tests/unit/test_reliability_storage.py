@@ -51,12 +51,17 @@ class Fakes:
         self._maybe_fault("train")
         return {"steps": 2, "tokens": 40, "loss": 1.25}
 
-    def run_tasks(self, path, calls, **_):
+    def run_tasks(self, path, calls, on_result=None, **_):
         if path.endswith(":infer_shard"):
             self._maybe_fault("infer")
-            return [(["#### 0"] * len(c["prompts"]), "fake") for c in calls]
-        self._maybe_fault("teach")
-        return [{"rows": [], "prompt_tokens": 7, "completion_tokens": 3, "stopped": None} for _ in calls]
+            out = [(["#### 0"] * len(c["prompts"]), "fake") for c in calls]
+        else:
+            self._maybe_fault("teach")
+            out = [{"rows": [], "prompt_tokens": 7, "completion_tokens": 3, "stopped": None} for _ in calls]
+        for i, res in enumerate(out):  # as the real one does: the caller commits each result as it comes
+            if on_result is not None:
+                on_result(i, res)
+        return out
 
 
 @pytest.fixture
