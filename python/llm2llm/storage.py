@@ -20,8 +20,10 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import os
 import posixpath
+import time
 import uuid
 from typing import Any
 
@@ -33,6 +35,22 @@ from .status import IterationStatus
 
 MARKER = "_DONE.json"
 ITERATION_MARKER = "_ITERATION.json"
+
+# Fault-injection hook for the job-crash tests (tests/integration/test_job_crash.py): with
+# LLM2LLM_PAUSE_BEFORE_MARKER=<stage> (or ``iteration``) the job stops for good right before writing that
+# marker, every file of the stage already complete, and logs that it did, so a test can SIGKILL it inside the
+# window between a stage's files and its commit (milliseconds for filter or merge: too narrow to hit
+# otherwise). Unset, as everywhere but those tests, it does nothing.
+PAUSE_BEFORE_MARKER_ENV = "LLM2LLM_PAUSE_BEFORE_MARKER"
+
+log = logging.getLogger(__name__)
+
+
+def _pause_before_marker(name: str) -> None:
+    if os.environ.get(PAUSE_BEFORE_MARKER_ENV) == name:
+        log.warning("pausing before the %s marker (%s is set): waiting to be killed", name, PAUSE_BEFORE_MARKER_ENV)
+        while True:
+            time.sleep(3600)
 
 
 class StorageError(RuntimeError):
@@ -123,6 +141,7 @@ class RunStorage:
 
     # --- markers -------------------------------------------------------------------------------
     def mark_done(self, i: int, stage: str, info: dict[str, Any]) -> None:
+        _pause_before_marker(stage)
         self.write_json(posixpath.join(self.stage_dir(i, stage), MARKER), info)
 
     def stage_done(self, i: int, stage: str) -> dict[str, Any] | None:
@@ -130,6 +149,7 @@ class RunStorage:
         return self.read_json(posixpath.join(self.stage_dir(i, stage), MARKER))
 
     def write_iteration(self, it: IterationStatus) -> None:
+        _pause_before_marker("iteration")
         self.write_json(posixpath.join(self.iter_dir(it.index), ITERATION_MARKER), it.model_dump(mode="json", by_alias=True))
 
     def iteration(self, i: int) -> IterationStatus | None:
