@@ -324,7 +324,12 @@ def main(argv: list[str] | None = None) -> int:
 
         # Inside a Ray job: join the cluster so training and the engines run on its workers.
         ray.init(log_to_driver=True)
-    scratch = Path(tempfile.mkdtemp(prefix=f"llm2llm-{name}-i{args.iteration}-"))
+    # A killed attempt cannot clean up after itself: the next attempt of the same run and iteration removes
+    # what earlier ones left (the planner never runs two at once; the uid keeps other runs' folders apart).
+    prefix = f"llm2llm-{name}-{uid[:8]}-i{args.iteration}-"
+    for stale in Path(tempfile.gettempdir()).glob(f"{prefix}*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    scratch = Path(tempfile.mkdtemp(prefix=prefix))
     try:
         it = Iteration(name, uid, spec, args.iteration, args.attempt, scratch).run()
     finally:

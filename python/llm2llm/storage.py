@@ -53,6 +53,14 @@ def _pause_before_marker(name: str) -> None:
             time.sleep(3600)
 
 
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class StorageError(RuntimeError):
     """Output storage cannot be read or written."""
 
@@ -98,6 +106,7 @@ class RunStorage:
                         f.flush()
                         os.fsync(f.fileno())
                     os.replace(tmp, path)
+                    _fsync_dir(parent)  # the rename itself must survive a node crash, not just the bytes
                 except OSError:
                     with contextlib.suppress(OSError):
                         os.unlink(tmp)
