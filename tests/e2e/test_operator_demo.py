@@ -1,69 +1,30 @@
 """End to end on a cluster: `kubectl apply -f examples/demo/run.yaml` -> the operator runs every
 iteration as a real Ray job (Jobs API launcher) with real training on a local Ray head -> Succeeded.
 
-The control plane has no kubelet, so Ray runs beside it on this machine, as a head started with
-`ray start --head --block` (its processes share its fate: killing it stops them all).
+The control plane has no kubelet, so Ray runs beside it on this machine: the private head `llm2llm run`
+starts (`llm2llm.localray`, `ray start --head --block` on free ports).
 """
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
-import subprocess
 import sys
-import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
+from llm2llm.localray import LocalRayHead
 from tests.e2e.test_operator_harness import REPO, Api, augrun_crd, operator, wait_for  # noqa: F401
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(2400)]
-sys.path.insert(0, str(REPO / "tests" / "cluster"))
-from controlplane import _die_with_parent, free_ports, tail  # noqa: E402
 
 
 @pytest.fixture
-def ray_head(tmp_path):
-    """A local Ray head; yields its dashboard address. RAY_AUTH_MODE=disabled on both sides (conftest)."""
-    # Every port explicit: the dashboard agent's default (52365) clashes with any other Ray on the machine,
-    # and then the Jobs API answers "No available agent to submit job" forever.
-    gcs, dashboard, agent = free_ports(3)
-    temp = tempfile.mkdtemp(prefix="rayop-")  # short: Ray's socket paths must fit in 107 bytes
-    log = tmp_path / "ray-head.log"
-    ray = Path(sys.executable).with_name("ray")
-    argv = [str(ray), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
-            "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--dashboard-agent-listen-port={agent}",
-            "--num-cpus=4",
-            f"--temp-dir={temp}", "--disable-usage-stats"]
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env={**os.environ, "RAY_AUTH_MODE": "disabled"}, preexec_fn=_die_with_parent)
-    address = f"http://127.0.0.1:{dashboard}"
-
-    def up() -> bool:
-        if proc.poll() is not None:
-            raise AssertionError(f"ray head exited {proc.returncode}:\n{tail(log)}")
-        try:
-            with urllib.request.urlopen(f"{address}/api/version", timeout=2) as r:
-                return r.status == 200
-        except OSError:
-            return False
-
-    try:
-        wait_for(up, "the Ray dashboard", timeout=180, every=0.5)
+def ray_head():
+    """A local Ray head on free ports (the one `llm2llm run` starts); yields its dashboard address."""
+    with LocalRayHead(4) as address:
         yield address
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        shutil.rmtree(temp, ignore_errors=True)
 
 
 @pytest.fixture

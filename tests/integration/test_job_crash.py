@@ -54,6 +54,7 @@ from llm2llm.spec import parse_spec
 from llm2llm.storage import ITERATION_MARKER, PAUSE_BEFORE_MARKER_ENV, RunStorage
 from llm2llm_jobs import fanout
 from tests.conftest import REPO
+from tests.integration.tiny import tiny_spec
 
 pytestmark = pytest.mark.integration
 
@@ -233,21 +234,9 @@ class Job:
 
 
 def spec(out: Path, teacher_url: str) -> dict:
-    return {
-        "task": {"kind": "classification", "labels": ["positive", "negative"],
-                 "studentTemplate": "Review: {input}\nSentiment:"},
-        "data": {"seed": str(REPO / "examples/demo/seed.jsonl"), "test": str(REPO / "examples/demo/test.jsonl"),
-                 "inputField": "text", "outputField": "label", "seedLimit": 8, "testLimit": 8},
-        "student": {"model": "tiny-llama", "method": "full", "workers": 1,
-                    "training": {"steps": 2, "batchSize": 4, "microBatchSize": 4, "maxLength": 48, "precision": "fp32"},
-                    "deepspeed": {"zeroStage": 0}},
-        "infer": {"backend": "hf", "maxTokens": 3},
-        # Two shards, one request per failure (samplesPerFailure 1, maxRounds 1), one example per answer.
-        "teacher": {"kind": "openai", "endpoint": teacher_url, "model": "scripted", "replicas": 2, "maxRounds": 1,
-                    "maxConcurrency": 2},
-        "loop": {"maxIterations": 2},
-        "output": str(out),
-    }
+    # Two shards, one request per failure (samplesPerFailure 1, maxRounds 1), one example per answer.
+    return tiny_spec(str(out), teacher={"kind": "openai", "endpoint": teacher_url, "model": "scripted", "replicas": 2,
+                                        "maxRounds": 1, "maxConcurrency": 2})
 
 
 @pytest.fixture

@@ -15,23 +15,10 @@ from llm2llm.launch import encode_run
 from llm2llm.spec import parse_spec
 from llm2llm.storage import RunStorage
 from tests.conftest import REPO
+from tests.integration.tiny import tiny_spec
 
 pytestmark = pytest.mark.integration
 
-
-def tiny_spec(out: str) -> dict:
-    return {
-        "task": {"kind": "classification", "labels": ["positive", "negative"], "studentTemplate": "Review: {input}\nSentiment:"},
-        "data": {"seed": str(REPO / "examples/demo/seed.jsonl"), "test": str(REPO / "examples/demo/test.jsonl"),
-                 "inputField": "text", "outputField": "label", "seedLimit": 8, "testLimit": 8},
-        "student": {"model": "tiny-llama", "method": "full", "workers": 1,
-                    "training": {"steps": 2, "batchSize": 4, "microBatchSize": 4, "maxLength": 48, "precision": "fp32"},
-                    "deepspeed": {"zeroStage": 0}},
-        "infer": {"backend": "hf", "maxTokens": 3},
-        "teacher": {"kind": "hf", "model": "tiny-llama", "maxTokens": 24, "maxRounds": 1},
-        "loop": {"maxIterations": 2},
-        "output": out,
-    }
 
 
 def _job(out, env) -> list[str]:

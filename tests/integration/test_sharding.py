@@ -33,7 +33,7 @@ from llm2llm.storage import RunStorage
 from llm2llm_jobs import fanout
 from llm2llm_jobs.iteration import Iteration
 from llm2llm_jobs.models import resolve_model
-from tests.conftest import REPO
+from tests.integration.tiny import tiny_spec
 from tests.integration.openai_server import fastapi_server
 
 pytestmark = pytest.mark.integration
@@ -44,23 +44,15 @@ WAIT_S = 240  # generous: a deadline only for a broken run, never a speed check
 
 
 def make_spec(out: Path, endpoint: str, teacher: dict | None = None, **top: Any) -> AugmentationRunSpec:
-    return parse_spec({
-        "task": {"kind": "classification", "labels": ["positive", "negative"],
-                 "studentTemplate": "Review: {input}\nSentiment:"},
-        "data": {"seed": str(REPO / "examples/demo/seed.jsonl"), "test": str(REPO / "examples/demo/test.jsonl"),
-                 "inputField": "text", "outputField": "label", "seedLimit": 8, "testLimit": 8},
-        "student": {"model": "tiny-llama", "method": "full", "workers": 1,
-                    "training": {"steps": 2, "batchSize": 4, "microBatchSize": 4, "maxLength": 48, "precision": "fp32"},
-                    "deepspeed": {"zeroStage": 0}},
+    return parse_spec(tiny_spec(
+        str(out),
         # batchSize 1: the same computation per prompt however the rows are sharded.
-        "infer": {"backend": "hf", "maxTokens": 3, "batchSize": 1, "replicas": 2},
+        infer={"backend": "hf", "maxTokens": 3, "batchSize": 1, "replicas": 2},
         # maxConcurrency 1: more than one request in flight at the server means more than one replica.
-        "teacher": {"kind": "openai", "endpoint": endpoint, "model": "teacher", "maxTokens": 16, "maxRounds": 1,
-                    "replicas": 2, "maxConcurrency": 1, **(teacher or {})},
-        "loop": {"maxIterations": 2},
-        "output": str(out),
+        teacher={"kind": "openai", "endpoint": endpoint, "model": "teacher", "maxTokens": 16, "maxRounds": 1,
+                 "replicas": 2, "maxConcurrency": 1, **(teacher or {})},
         **top,
-    })
+    ))
 
 
 # --- the teacher server --------------------------------------------------------------------------
