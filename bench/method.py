@@ -192,6 +192,21 @@ def added_rows(output: str) -> list[dict[str, Any]]:
     return rows
 
 
+def final_test_errors(output: str) -> dict[str, int]:
+    """Wrong test answers of the run's last iteration, by gold output (short outputs only, e.g. labels)."""
+    import pyarrow.parquet as pq
+
+    its = sorted(Path(output).glob("iter-*/score/scored.parquet"), key=lambda p: int(p.parent.parent.name[5:]))
+    if not its:
+        return {}
+    out: dict[str, int] = {}
+    for r in pq.read_table(its[-1], columns=["split", "output", "correct"]).to_pylist():
+        if r["split"] == "test" and not r["correct"]:
+            key = r["output"] if len(r["output"]) <= 20 else "(long)"
+            out[key] = out.get(key, 0) + 1
+    return out
+
+
 def mean_spread(values: list[float]) -> tuple[float, float, float, float]:
     """mean, sample standard deviation (0 for one value), min, max."""
     m = statistics.fmean(values)
@@ -285,6 +300,27 @@ def comparisons(summary: dict[str, Any], results: dict[str, dict[int, dict[str, 
             ties = sum(d == 0 for d in diffs)
             out.append(f"- B final - {ARM_NAMES[arm]} final, paired by seed: {fmt(diffs)} "
                        f"(B higher in {wins}, equal in {ties} of {len(diffs)} seeds).")
+    if "C" in results:
+        matched = rounds = b_total = c_total = 0
+        for s, r in results["C"].items():
+            b_its, c_its = per_iteration(results["B"][s]["status"]), per_iteration(r["status"])
+            for b_it, c_it in zip(b_its[:-1], c_its[:-1]):
+                rounds += 1
+                matched += c_it["kept"] == b_it["kept"]
+                b_total += b_it["kept"]
+                c_total += c_it["kept"]
+        out.append(f"- Rows added: C matched B's count in {matched} of {rounds} rounds; in all, B added {b_total} "
+                   f"rows and C {c_total} (a short round is one where fewer random draws survived the filters; "
+                   "D adds C's total).")
+    for arm in ("A", "B", "C", "D"):
+        if arm not in results:
+            continue
+        errs: dict[str, int] = {}
+        for r in results[arm].values():
+            for k, v in final_test_errors(r["status"]["output"]).items():
+                errs[k] = errs.get(k, 0) + v
+        mix = ", ".join(f"gold {k}: {v}" for k, v in sorted(errs.items(), key=lambda kv: -kv[1])) or "none"
+        out.append(f"- {ARM_NAMES[arm]}: wrong test answers at its last iteration, all seeds: {mix}.")
     for arm in ("B", "C", "D"):
         if arm not in results:
             continue
