@@ -48,8 +48,12 @@ class VllmTeacher:
                  dtype: str | None = None):
         from vllm import LLM
 
+        # On CPU, no chunked prefill: vLLM rewinds a seeded request's generator when it drops a token sampled
+        # during a partial prefill, and a CPU torch.Generator has no offset ("CPU Generator does not use
+        # offset"). Long teacher prompts (GSM8K's one-shot, ~500 tokens, 74 of them) hit it; short ones do not.
+        extra = {} if has_cuda() else {"enable_chunked_prefill": False, "max_num_batched_tokens": max_model_len}
         self._llm = LLM(model=model_path, dtype=dtype or default_dtype(), seed=0, max_model_len=max_model_len,
-                        tensor_parallel_size=tensor_parallel, enforce_eager=not has_cuda())
+                        tensor_parallel_size=tensor_parallel, enforce_eager=not has_cuda(), **extra)
 
     def complete(self, conversations, *, n, temperature, top_p, max_tokens, seed):
         from vllm import SamplingParams
