@@ -72,6 +72,23 @@ def test_vllm_teacher(smollm2: str, conversations: list[list[dict]]) -> None:
         teacher.close()
 
 
+def test_vllm_teacher_takes_a_gsm8k_size_batch_on_cpu(smollm2: str) -> None:
+    # 74 GSM8K teacher prompts (~38k prompt tokens, the 1% seed's first round) do not fit one batch, so some
+    # prompt is prefilled in pieces. With seeded sampling that used to fail on CPU with "CPU Generator does
+    # not use offset" (bench/results/method_gsm8k.md); every request must now get its completion.
+    task = Task(TaskSpec(kind="gsm8k"))
+    with open(GSM8K / "train.jsonl") as f:
+        rows = [json.loads(line) for _, line in zip(range(74), f)]
+    convs = [task.teacher_messages(r["question"], r["answer"], 1, None) for r in rows]
+    teacher = VllmTeacher(smollm2)
+    try:
+        out = teacher.complete(convs, n=1, temperature=1.0, top_p=1.0, max_tokens=4, seed=11)
+    finally:
+        teacher.close()
+    assert len(out) == 74 and all(len(s) == 1 and 0 < s[0].completion_tokens <= 4 for s in out)
+    assert sum(s[0].prompt_tokens for s in out) > 30_000
+
+
 def test_hf_teacher(smollm2: str, conversations: list[list[dict]]) -> None:
     want = [prompt_tokens(smollm2, c) for c in conversations]
     teacher = make_teacher(TeacherSpec(kind="hf"), smollm2, None)
