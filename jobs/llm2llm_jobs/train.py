@@ -196,6 +196,33 @@ def _lr_lambda(total: int, warmup_ratio: float):
 # --------------------------------------------------------------------------------------------- worker
 
 
+def _load_shm_op_safely() -> None:
+    """Load DeepSpeed's CPU shared-memory comm op before deepspeed.initialize does.
+
+    torch's JIT loader marks an op folder busy with a plain ``lock`` file while it checks or builds the op,
+    and waits, forever, while that file exists. A job SIGKILLed in that window (a stopped or retried
+    iteration) leaves the file behind, and every later training on the node hangs. So the op is loaded
+    here under an flock, which the kernel drops when its holder dies: whoever holds it knows any ``lock``
+    file is stale and removes it. DeepSpeed caches the loaded op, so initialize() does not load it again."""
+    import fcntl
+
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.comm.torch import build_shm_op
+    from torch.utils.cpp_extension import get_default_build_root
+
+    if get_accelerator().device_name() != "cpu":
+        return
+    # (torch reads TORCH_EXTENSIONS_DIR itself when building; its default adds a python/cuda tag folder)
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".llm2llm.flock", "w") as guard:
+        fcntl.flock(guard, fcntl.LOCK_EX)
+        for stale in [*root.glob("*/lock"), *root.glob("*/*/lock")]:
+            log.warning("removing %s, left by a process killed while loading the op", stale)
+            stale.unlink(missing_ok=True)
+        build_shm_op()
+
+
 def _train_worker(loop_config: dict[str, Any]) -> None:
     """One Ray Train worker: load the base model, train with DeepSpeed, rank 0 saves and reports."""
     # Before DeepSpeed and transformers are imported: they read DS_ACCELERATOR and the offline flags then.
@@ -206,6 +233,8 @@ def _train_worker(loop_config: dict[str, Any]) -> None:
     import torch
     import torch.distributed as dist
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _load_shm_op_safely()
 
     cfg = TrainConfig.model_validate(loop_config["cfg"])
     t = cfg.training
