@@ -112,28 +112,12 @@ def reuse_iteration0(src: Path, dest: Path) -> None:
 
 
 def start_ray(num_cpus: int, timeout_s: float = 300.0):
-    """One private local Ray head for all the runs (the runner's own, on free ports); each run's jobs go to it
-    through the Jobs API, as the runner does with spec.ray.address. Returns (head, address) once it takes a
-    job: right after start-up a loaded machine answers 'No available agent to submit job' for a while."""
-    from ray.job_submission import JobStatus, JobSubmissionClient
-
+    """One private local Ray head for all the runs (the runner's own, on free ports, ready once it has taken
+    a job); each run's jobs go to it through the Jobs API, as the runner does with spec.ray.address."""
     from llm2llm.localray import LocalRayHead
 
-    head = LocalRayHead(num_cpus)
+    head = LocalRayHead(num_cpus, timeout=timeout_s)
     address = head.start()
-    client = JobSubmissionClient(address)
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            job = client.submit_job(entrypoint="true")
-            break
-        except (RuntimeError, ConnectionError) as err:
-            if time.monotonic() > deadline:
-                head.stop()
-                raise SystemExit(f"local Ray at {address} takes no job after {timeout_s:.0f}s: {err}") from None
-            time.sleep(3)
-    while client.get_job_status(job) not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
-        time.sleep(1)
     print(f"local Ray at {address} ({num_cpus} logical CPUs) takes jobs", flush=True)
     return head, address
 

@@ -74,8 +74,31 @@ class LocalRayHead:
                 self.stop()
                 raise RayStartError(f"the local Ray head did not answer within {self.timeout:.0f}s")
             time.sleep(0.5)
+        self._wait_until_it_takes_jobs(deadline)
         log.info("local Ray head at %s (temp dir %s)", self.address, self._temp)
         return self.address
+
+    def _wait_until_it_takes_jobs(self, deadline: float) -> None:
+        """The dashboard answers before its job agent has registered; until then a submission fails with
+        "No available agent to submit job" (seen for tens of seconds on a loaded machine). Ready means a
+        no-op job went through: the head is private, so its record bothers no one."""
+        from ray.job_submission import JobStatus, JobSubmissionClient
+
+        client = JobSubmissionClient(self.address)
+        while True:
+            try:
+                job = client.submit_job(entrypoint="true")
+                break
+            except (RuntimeError, ConnectionError) as err:
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise RayStartError(f"the local Ray head takes no job after {self.timeout:.0f}s: {err}") from None
+                time.sleep(2)
+        while client.get_job_status(job) not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RayStartError(f"the local Ray head's probe job did not finish within {self.timeout:.0f}s")
+            time.sleep(0.5)
 
     def _up(self) -> bool:
         assert self._proc is not None and self._log is not None
