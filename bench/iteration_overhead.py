@@ -112,7 +112,7 @@ def run_demo(out_dir: Path) -> tuple[dict, dict, Path, float]:
     from llm2llm.cli import _check_data
     from llm2llm.launch import JobsApiLauncher
     from llm2llm.localray import LocalRayHead
-    from llm2llm.runner import LocalRunner, format_table
+    from llm2llm.runner import LocalRunner, format_table, local_cpus
     from llm2llm.spec import load_run
 
     doc = yaml.safe_load(DEMO.read_text())
@@ -128,9 +128,8 @@ def run_demo(out_dir: Path) -> tuple[dict, dict, Path, float]:
         raise RuntimeError(problems)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    st = run.spec.student
     # The head `llm2llm run` would start, held open here so the jobs' records can be read after the run.
-    with LocalRayHead(max(os.cpu_count() or 1, st.workers * st.cpus_per_worker + 2)) as address:
+    with LocalRayHead(local_cpus(run.spec)) as address:
         runner = LocalRunner(run, address=address)
         t0 = time.monotonic()
         status = runner.execute()

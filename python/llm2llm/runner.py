@@ -20,7 +20,7 @@ from typing import Callable
 from .launch import JobsApiLauncher, entrypoint, job_env
 from .localray import LocalRayHead
 from .planner import Backoff, Finish, Idle, JobObservation, Launch, Observed, Stop, Wait, advance
-from .spec import AugmentationRun
+from .spec import AugmentationRun, AugmentationRunSpec
 from .status import STAGES, TERMINAL, RunStatus
 from .storage import RunStorage
 
@@ -45,6 +45,13 @@ def localize(run: AugmentationRun) -> AugmentationRun:
     return run
 
 
+def local_cpus(spec: AugmentationRunSpec) -> int:
+    """Logical CPUs for a local head: the trainer's workers plus the job driver and engines must fit, or
+    Ray waits forever."""
+    st = spec.student
+    return max(os.cpu_count() or 1, st.workers * st.cpus_per_worker + 2)
+
+
 class LocalRunner:
     def __init__(self, run: AugmentationRun, *, address: str | None = None, poll_seconds: float = 2.0,
                  echo: Callable[[str], None] | None = None):
@@ -57,7 +64,6 @@ class LocalRunner:
         self.store = RunStorage(self.spec.output, self.name)
         self.python = self.spec.ray.python or sys.executable
         self._head: LocalRayHead | None = None
-        self._dashboard: str | None = None
 
     # --- setup -------------------------------------------------------------------------------
     def _uid(self) -> str:
@@ -73,14 +79,9 @@ class LocalRunner:
 
     def _ray(self) -> JobsApiLauncher:
         if self.address:
-            self._dashboard = self.address
             return JobsApiLauncher(self.address)
-        st = self.spec.student
-        # Logical CPUs: the trainer's workers plus the job driver and engines must fit, or Ray waits forever.
-        cpus = max(os.cpu_count() or 1, st.workers * st.cpus_per_worker + 2)
-        self._head = LocalRayHead(cpus)
-        self._dashboard = self._head.start()
-        return JobsApiLauncher(self._dashboard)
+        self._head = LocalRayHead(local_cpus(self.spec))
+        return JobsApiLauncher(self._head.start())
 
     def _status(self) -> RunStatus:
         doc = self.store.read_json(self.store.path("status.json"))
