@@ -1,0 +1,3 @@
+module llm2llm.io/testcluster/pause
+
+go 1.22
