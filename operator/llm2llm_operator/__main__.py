@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import sys
 import threading
 from typing import Callable
@@ -49,6 +51,12 @@ class _QuietTimer(logging.Filter):
         return not record.getMessage().startswith("Timer 'timer' succeeded")
 
 
+def _identity() -> str:
+    """Kopf's peering id. Its default asks the passwd database for the user name, which fails for a uid
+    with no entry (a pod's runAsUser, OpenShift's arbitrary uids): the pod's hostname is unique anyway."""
+    return f"{socket.gethostname()}@{os.getpid()}"
+
+
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
     kopf.configure(verbose=cfg.verbose, log_format=kopf.LogFormat.PLAIN)
@@ -58,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.metrics_port:
         metrics.serve(cfg.metrics_port)
     kopf.run(
+        identity=_identity(),
         standalone=cfg.peering is None,
         peering_name=cfg.peering,
         priority=cfg.priority,
