@@ -14,6 +14,7 @@ import importlib.metadata
 import logging
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 from collections.abc import Callable
@@ -39,20 +40,21 @@ def cache_dir() -> Path:
 
 def resolve_model(name: str) -> str:
     """A local Hugging Face folder for a built-in model name or an existing local path."""
-    builders: dict[str, Callable[[Path], None]] = {"smollm2-135m": _build_smollm2, "tiny-llama": _build_tiny_llama}
-    if name in builders:
-        return str(_cached(_FOLDERS[name], builders[name]))
+    if name in _FOLDERS:
+        return str(_cached(name))
     path = Path(name).expanduser()
     if path.is_dir():
         return str(path.resolve())
     raise ValueError(
-        f"unknown model {name!r}: use a built-in name ({', '.join(sorted(builders))}) or an existing local "
+        f"unknown model {name!r}: use a built-in name ({', '.join(sorted(_FOLDERS))}) or an existing local "
         "folder in Hugging Face layout (model hubs are not reachable from here, so hub ids cannot be downloaded)"
     )
 
 
-def _cached(folder: str, build: Callable[[Path], None]) -> Path:
-    """Build ``folder`` once: under a file lock, into a temp dir, then an atomic rename (no half-written folders)."""
+def _cached(name: str) -> Path:
+    """Build a built-in model once: under a file lock, into a temp dir, then an atomic rename (no half-written
+    folders)."""
+    folder = _FOLDERS[name]
     root = cache_dir() / "models"
     final = root / folder
     if (final / "config.json").is_file():
@@ -65,7 +67,9 @@ def _cached(folder: str, build: Callable[[Path], None]) -> Path:
         tmp = Path(tempfile.mkdtemp(prefix=f".{folder}-", dir=root))
         try:
             log.info("preparing model %s into %s", folder, final)
-            build(tmp)
+            _build_apart(name, tmp)
+            if not (tmp / "config.json").is_file() or not any(tmp.glob("*.safetensors")):
+                raise RuntimeError(f"building model {name} left no config.json or weights in {tmp}")
             # mkdtemp (and safetensors) make files private; the cache is shared by users and jobs.
             tmp.chmod(0o755)
             for f in tmp.rglob("*"):
@@ -74,6 +78,30 @@ def _cached(folder: str, build: Callable[[Path], None]) -> Path:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def _build_apart(name: str, out: Path) -> None:
+    """Build without touching the caller's state: its torch RNG is restored after the build seeds it, and
+    where torch.distributed is up (a Ray Train worker, maybe of rank > 0, the first to need the model on its
+    node) the build runs in a fresh interpreter, since transformers' save_pretrained writes nothing on ranks
+    above 0."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        code = "import sys; from llm2llm_jobs.models import _build; _build(sys.argv[1], sys.argv[2])"
+        done = subprocess.run([sys.executable, "-c", code, name, str(out)], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"building model {name} failed ({done.returncode}): {done.stdout[-3000:]}")
+        return
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        _build(name, str(out))
+
+
+def _build(name: str, out: str) -> None:
+    builders: dict[str, Callable[[Path], None]] = {"smollm2-135m": _build_smollm2, "tiny-llama": _build_tiny_llama}
+    builders[name](Path(out))
 
 
 def _smollm2_gguf() -> Path:

@@ -21,9 +21,14 @@ def test_cache_dir_follows_env(fresh_cache: Path) -> None:
 
 
 def test_tiny_llama_builds_once_and_is_cached(fresh_cache: Path) -> None:
+    import torch
     from transformers import AutoConfig, AutoTokenizer
 
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
     path = Path(resolve_model("tiny-llama"))
+    assert torch.equal(torch.rand(3), expected)  # the build seeds torch; the caller's RNG is left as it was
     assert path.parent.parent == fresh_cache
     assert (path / "config.json").is_file() and (path / "model.safetensors").is_file()
     assert not [p for p in path.parent.iterdir() if p.name.startswith(".tiny-llama") and p.is_dir()]  # no temp left
@@ -56,3 +61,22 @@ def test_unknown_model_is_a_clear_error(fresh_cache: Path) -> None:
     with pytest.raises(ValueError, match="unknown model 'HuggingFaceTB/SmolLM2-360M'.*not reachable"):
         resolve_model("HuggingFaceTB/SmolLM2-360M")
     assert not (fresh_cache / "models").exists()
+
+
+def test_a_train_worker_of_rank_1_builds_a_complete_folder(fresh_cache: Path) -> None:
+    """Each node resolves the model where it is used, so a train worker of rank 1 may be the first on its node.
+    There torch.distributed is up, and transformers' save_pretrained writes nothing on ranks above 0."""
+    import torch
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore  # a process group with no peers to wait for
+
+    dist.init_process_group("fake", rank=1, world_size=2, store=FakeStore())
+    try:
+        torch.manual_seed(123)
+        expected = torch.rand(3)
+        torch.manual_seed(123)
+        path = Path(resolve_model("tiny-llama"))
+        assert torch.equal(torch.rand(3), expected)  # nor is the caller's torch RNG reseeded by the build
+    finally:
+        dist.destroy_process_group()
+    assert (path / "config.json").is_file() and (path / "model.safetensors").is_file()
