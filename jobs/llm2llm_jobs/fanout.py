@@ -2,15 +2,22 @@
 
 Inference and teaching run as Ray tasks, one per replica, each with the GPUs its engine needs. A task
 runs in a fresh worker process (``max_calls=1``) so an engine's memory is returned when it ends, and a
-replica that crashes is retried by Ray (``max_retries``) without touching the other shards.
+replica that crashes is retried by Ray (``max_retries``) without touching the other shards. A task may run
+on another machine than the driver: it gets model names and storage locations, never the driver's paths.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import os
+import posixpath
+import tempfile
+from collections.abc import Iterator
 from typing import Any, Callable
+
+import fsspec
 
 from llm2llm.spec import AugmentationRunSpec
 from llm2llm.tasks import Task
@@ -62,6 +69,21 @@ def run_tasks(path: str, calls: list[dict[str, Any]], *, gpus: float = 0, cpus: 
     return results
 
 
+@contextlib.contextmanager
+def local_copy(location: str | None) -> Iterator[str | None]:
+    """A folder of the run's storage (``RunStorage.uri``: a plain path when local) as a path this process can
+    read: the folder itself on a local (shared) volume, else a private copy in this node's temp dir, removed
+    on exit."""
+    if location is None or "://" not in location:
+        yield location
+        return
+    fs, path = fsspec.core.url_to_fs(location)
+    with tempfile.TemporaryDirectory(prefix="llm2llm-fetch-") as tmp:
+        dest = os.path.join(tmp, posixpath.basename(path.rstrip("/")))
+        fs.get(path.rstrip("/"), dest, recursive=True)  # dest does not exist: it becomes the copy
+        yield dest
+
+
 def shards(items: list, n: int) -> list[list]:
     """Split into at most n contiguous, nearly equal, non-empty shards (order is kept)."""
     n = max(1, min(n, len(items)))
@@ -76,12 +98,16 @@ def shards(items: list, n: int) -> list[list]:
 
 # --- worker functions ----------------------------------------------------------------------------
 
-def infer_shard(model_path: str, prompts: list[str], adapter_path: str | None, max_tokens: int, backend: str,
+def infer_shard(model: str, prompts: list[str], adapter: str | None, max_tokens: int, backend: str,
                 batch_size: int) -> tuple[list[str], str]:
+    """``model`` is a name for resolve_model (resolved on this node); ``adapter`` the trained folder's
+    location in the run's storage (a path or URL), fetched here when it is not on a local volume."""
     from .infer import generate
+    from .models import resolve_model
 
-    return generate(model_path, prompts, adapter_path=adapter_path, max_tokens=max_tokens, backend=backend,
-                    batch_size=batch_size)
+    with local_copy(adapter) as adapter_path:
+        return generate(resolve_model(model), prompts, adapter_path=adapter_path, max_tokens=max_tokens,
+                        backend=backend, batch_size=batch_size)
 
 
 def teach_shard(spec: dict, model_path: str | None, failures: list[dict], existing: list[str], held_out: list[str],

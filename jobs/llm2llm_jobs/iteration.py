@@ -67,15 +67,6 @@ class Iteration:
     def _path(self, stage: str, file: str) -> str:
         return f"{self.store.stage_dir(self.i, stage)}/{file}"
 
-    def _local_dir(self, remote: str, name: str) -> str:
-        """A local copy of a storage folder (no copy for local storage)."""
-        if self.store.is_local:
-            return remote
-        dest = self.scratch / name
-        if not dest.exists():
-            self.store.fs.get(remote, str(dest), recursive=True)
-        return str(dest)
-
     def _train_table(self) -> pa.Table:
         if self.i == 0:
             return self.store.read_table(self.store.path("data", "seed.parquet"), DATASET)
@@ -100,7 +91,6 @@ class Iteration:
         return info
 
     def train(self) -> dict[str, Any]:
-        from .models import resolve_model
         from .train import TrainConfig, run_train
 
         rows = self._train_table()
@@ -110,36 +100,40 @@ class Iteration:
                 "target": [self.task.target(y) for y in rows.column("output").to_pylist()],
             }
         )
-        work = self.scratch / "train"
-        work.mkdir(parents=True, exist_ok=True)
-        data_path = work / "train.parquet"
-        import pyarrow.parquet as pq
-
-        pq.write_table(pairs, data_path)
-        out = work / "model"
-        cfg = TrainConfig.from_spec(
-            self.spec.student, resolve_model(self.spec.student.model), str(data_path), str(out), str(work / "ray")
-        )
-        result = run_train(cfg)
+        stage = self.store.stage_dir(self.i, "train")
+        # No marker yet, so anything here is an earlier attempt's: Ray Train folders, a half-moved or half-put model.
+        try:
+            if self.store.exists(stage):
+                self.store.fs.rm(stage, recursive=True)
+        except OSError as err:
+            raise StorageError(f"cannot remove {stage}: {err}") from err
+        # Ray Train's records and checkpoint go to the run's storage, which the driver and every worker reach
+        # (not the driver's scratch); a folder per attempt keeps a dying attempt's workers apart from this one.
+        ray_parts = (f"iter-{self.i}", "train", f"_ray-a{self.attempt}")
         remote = self._path("train", "model")
+        # Assembled next to its final place and renamed there (local), or put from the driver's scratch (remote).
+        out = f"{stage}/.model-a{self.attempt}" if self.store.is_local else str(self.scratch / "train-model")
+        result = run_train(TrainConfig.from_spec(self.spec.student, out, self.store.uri(*ray_parts)), pairs)
         try:
             if self.store.is_local:
-                # Rename into place: a half-copied model can never sit behind a marker.
-                if Path(remote).exists():
-                    shutil.rmtree(remote)
-                Path(remote).parent.mkdir(parents=True, exist_ok=True)
-                shutil.move(str(out), remote)
+                os.rename(out, remote)  # atomic: a half-copied model can never sit behind a marker
+                _fsync_dir(stage)
             else:
-                self.store.fs.put(str(out), remote, recursive=True)
+                self.store.fs.put(out, remote, recursive=True)
         except OSError as err:
             raise StorageError(f"cannot write {remote}: {err}") from err
+        # Before the marker: once the stage is committed, no later attempt would remove it.
+        try:
+            if self.store.exists(self.store.path(*ray_parts)):
+                self.store.fs.rm(self.store.path(*ray_parts), recursive=True)
+        except OSError as err:  # only space is at stake; the model is in place
+            log.warning("could not remove Ray Train's folder %s: %s", self.store.path(*ray_parts), err)
         return {"rows": rows.num_rows, "model": self.store.uri("iter-" + str(self.i), "train", "model"), **_dump(result)}
 
     def infer(self) -> dict[str, Any]:
-        from .models import resolve_model
-
-        base = resolve_model(self.spec.student.model)
-        trained = self._local_dir(self._path("train", "model"), f"model-{self.i}")
+        # The model's name and the adapter's storage location travel, not this machine's paths: each task
+        # resolves the model and fetches the adapter on its own node.
+        adapter = self.store.uri(f"iter-{self.i}", "train", "model")
         rows = [("seed", r) for r in self.store.read_table(self.store.path("data", "seed.parquet"), DATASET).to_pylist()]
         if self.spec.data.test:
             test = self.store.read_table(self.store.path("data", "test.parquet"), DATASET)
@@ -148,8 +142,9 @@ class Iteration:
         parts = fanout.shards(rows, inf.replicas)
         results = fanout.run_tasks(
             "llm2llm_jobs.fanout:infer_shard",
-            [dict(model_path=base, prompts=[self.task.prompt(r["input"]) for _, r in part], adapter_path=trained,
-                  max_tokens=inf.max_tokens, backend=inf.backend, batch_size=inf.batch_size) for part in parts],
+            [dict(model=self.spec.student.model, prompts=[self.task.prompt(r["input"]) for _, r in part],
+                  adapter=adapter, max_tokens=inf.max_tokens, backend=inf.backend, batch_size=inf.batch_size)
+             for part in parts],
             gpus=1 if self._gpus() else 0,
         )
         out = []
@@ -167,12 +162,9 @@ class Iteration:
         return metrics
 
     def teach(self, scored: pa.Table, train_rows: pa.Table) -> dict[str, Any]:
-        from .models import resolve_model
-
         t = self.spec.teacher
         # Failures (LLM2LLM) or, with loop.select random, randomly drawn seed examples: see select.py.
         failures = self._selected(scored)
-        model_path = resolve_model(t.model) if t.kind in ("vllm", "hf") else None
         existing, held_out = train_rows.column("input").to_pylist(), self._held_out_inputs()
         budget = self._teacher_budget_left()
         groups = fanout.shards(failures, t.replicas)
@@ -188,7 +180,8 @@ class Iteration:
 
         fanout.run_tasks(
             "llm2llm_jobs.fanout:teach_shard",
-            [dict(spec=self.spec.model_dump(mode="json", by_alias=True), model_path=model_path, failures=groups[k],
+            # model_path None: each task resolves teacher.model on its own node.
+            [dict(spec=self.spec.model_dump(mode="json", by_alias=True), model_path=None, failures=groups[k],
                   existing=existing, held_out=held_out, iteration=self.i, shard=k, token_budget=share,
                   api_key_env=API_KEY_ENV) for k in todo],
             gpus=t.tensor_parallel if self._gpus() else 0, on_result=commit,
@@ -295,6 +288,15 @@ class Iteration:
         it.finished_at = now()
         self.store.write_iteration(it)
         return it
+
+
+def _fsync_dir(path: str) -> None:
+    """Make a rename in ``path`` survive a node crash."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _seed_failures(scored: pa.Table) -> int:

@@ -2,8 +2,12 @@
 
 Every iteration trains from the base checkpoint (the LLM2LLM recipe), with the loss on the target only.
 Rank 0 saves a PEFT adapter (LoRA) or a full Hugging Face folder (full fine-tuning), reports it to
-Ray Train as a checkpoint (so it reaches the driver even from another node), and the driver copies it
-into ``output_dir`` with ``train_result.json``.
+Ray Train as a checkpoint (so it reaches the driver even from another node), and the driver moves or copies
+it into ``output_dir`` with ``train_result.json``.
+
+Nothing a worker reads comes from the driver's disk, so the workers may be other machines (KubeRay pods):
+the rows travel in Ray's object store, each worker resolves the model name itself, and the checkpoint goes
+through ``storage_path``, a folder the driver and every worker reach (a shared volume or an fsspec URL).
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import logging
 import math
 import os
 import random
+import socket
 import tempfile
 import time
 import uuid
@@ -20,6 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
+import pyarrow as pa
 from pydantic import BaseModel, Field
 
 from llm2llm.spec import DeepSpeedSpec, LoraSpec, StudentSpec, TrainingSpec
@@ -50,7 +56,7 @@ RESULT_FILE = "train_result.json"
 
 
 class TrainConfig(BaseModel):
-    model_path: str = Field(description="Local Hugging Face folder of the BASE model.")
+    model: str = Field(description="The BASE model: a built-in name or a folder every worker sees (resolve_model).")
     method: Literal["lora", "full"] = "lora"
     lora: LoraSpec = Field(default_factory=LoraSpec)
     training: TrainingSpec = Field(default_factory=TrainingSpec)
@@ -58,16 +64,15 @@ class TrainConfig(BaseModel):
     workers: int = Field(1, ge=1)
     gpus_per_worker: int = Field(0, ge=0)
     cpus_per_worker: int = Field(1, ge=1)
-    data_path: str = Field(description="Local Parquet file with string columns 'prompt' and 'target'.")
-    output_dir: str = Field(description="Local folder that receives the adapter or model, and train_result.json.")
-    storage_path: str = Field(description="Local folder for Ray Train's run records (RunConfig.storage_path).")
+    output_dir: str = Field(description="Driver-local folder (absent or empty) that receives the adapter or model, "
+                            "and train_result.json.")
+    storage_path: str = Field(description="Ray Train's run records and checkpoint (RunConfig.storage_path): a folder "
+                              "or fsspec URL the driver and every worker reach.")
 
     @classmethod
-    def from_spec(
-        cls, student: StudentSpec, model_path: str, data_path: str, output_dir: str, storage_path: str
-    ) -> TrainConfig:
+    def from_spec(cls, student: StudentSpec, output_dir: str, storage_path: str) -> TrainConfig:
         return cls(
-            model_path=model_path,
+            model=student.model,
             method=student.method,
             lora=student.lora,
             training=student.training,
@@ -75,7 +80,6 @@ class TrainConfig(BaseModel):
             workers=student.workers,
             gpus_per_worker=student.gpus_per_worker,
             cpus_per_worker=student.cpus_per_worker,
-            data_path=data_path,
             output_dir=output_dir,
             storage_path=storage_path,
         )
@@ -93,6 +97,7 @@ class TrainResult(BaseModel):
     gpu_seconds: float = Field(description="seconds * workers * gpus_per_worker.")
     examples: int = Field(description="Training rows used (rows with no target token left are dropped).")
     global_batch_size: int = Field(description="micro_batch_size * workers * gradient accumulation steps.")
+    worker_hosts: list[str] = Field(default_factory=list, description="Distinct hostnames the workers ran on.")
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -137,16 +142,14 @@ def _index_stream(n: int, seed: int) -> Iterator[int]:
         epoch += 1
 
 
-def _load_examples(path: str, tokenizer: Any, max_length: int) -> list[dict[str, list[int]]]:
-    import pyarrow.parquet as pq
-
-    rows = pq.read_table(path, columns=["prompt", "target"]).to_pylist()
+def _load_examples(table: pa.Table, tokenizer: Any, max_length: int) -> list[dict[str, list[int]]]:
+    rows = table.select(["prompt", "target"]).to_pylist()
     examples = [tokenize_example(tokenizer, r["prompt"], r["target"], max_length) for r in rows]
     kept = [e for e in examples if e is not None]
     if len(kept) < len(rows):
         log.warning("dropped %d of %d rows whose prompt fills max_length", len(rows) - len(kept), len(rows))
     if not kept:
-        raise ValueError(f"no usable training rows in {path}")
+        raise ValueError(f"no usable training rows among {len(rows)}")
     return kept
 
 
@@ -234,19 +237,23 @@ def _train_worker(loop_config: dict[str, Any]) -> None:
     import torch.distributed as dist
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .models import resolve_model
+
     _load_shm_op_safely()
 
     cfg = TrainConfig.model_validate(loop_config["cfg"])
     t = cfg.training
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    log.info("worker %d/%d: %d torch threads", rank, world, torch.get_num_threads())
+    log.info("worker %d/%d on %s: %d torch threads", rank, world, socket.gethostname(), torch.get_num_threads())
     torch.manual_seed(t.seed)
 
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model_path)
+    # Resolved here, not on the driver: this machine's cache (built under a file lock when absent).
+    model_path = resolve_model(cfg.model)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     dtype = torch.bfloat16 if t.precision == "bf16" else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(cfg.model_path, dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
     model.config.use_cache = False
     if t.gradient_checkpointing:
         model.gradient_checkpointing_enable()
@@ -265,7 +272,7 @@ def _train_worker(loop_config: dict[str, Any]) -> None:
             model.enable_input_require_grads()  # frozen embeddings would otherwise cut the graph
     n_params = sum(p.numel() for p in model.parameters())  # before ZeRO-3 partitions them
 
-    examples = _load_examples(cfg.data_path, tokenizer, t.max_length)
+    examples = _load_examples(ray.get(loop_config["rows"]), tokenizer, t.max_length)
     total_steps = planned_steps(t, len(examples))
     ds_config = deepspeed_config(cfg, world)
     accumulation = ds_config["gradient_accumulation_steps"]
@@ -303,6 +310,9 @@ def _train_worker(loop_config: dict[str, Any]) -> None:
     stats = torch.tensor([tokens, step_losses[0], step_losses[-1]], dtype=torch.float64, device=engine.device)
     dist.all_reduce(stats)
     tokens, initial_loss, final_loss = int(stats[0]), float(stats[1]) / world, float(stats[2]) / world
+    # Where each rank ran, for the driver's log and the stage's figures (only rank 0's metrics reach the driver).
+    hosts: list[Any] = [None] * world
+    dist.all_gather_object(hosts, [socket.gethostname(), ray.get_runtime_context().get_node_id()])
     metrics = {
         "steps": total_steps,
         "tokens": tokens,
@@ -313,6 +323,7 @@ def _train_worker(loop_config: dict[str, Any]) -> None:
         "mfu": _mfu(n_params, tokens / train_seconds, world * cfg.gpus_per_worker) if cfg.gpus_per_worker else None,
         "examples": len(examples),
         "global_batch_size": ds_config["train_batch_size"],
+        "rank_hosts": hosts,
     }
 
     with tempfile.TemporaryDirectory(prefix="llm2llm-train-") as out:
@@ -355,8 +366,9 @@ def _mfu(n_params: int, tokens_per_second: float, gpus: int) -> float | None:
 # --------------------------------------------------------------------------------------------- driver
 
 
-def run_train(cfg: TrainConfig) -> TrainResult:
-    """Train on the Ray cluster this process is connected to (or a local one), then fill ``output_dir``."""
+def run_train(cfg: TrainConfig, rows: pa.Table) -> TrainResult:
+    """Train on ``rows`` (string columns 'prompt' and 'target') on the Ray cluster this process is connected
+    to (or a local one), then fill ``output_dir``."""
     import ray
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -369,31 +381,66 @@ def run_train(cfg: TrainConfig) -> TrainResult:
     resources: dict[str, float] = {"CPU": cfg.cpus_per_worker}
     if gpu:
         resources["GPU"] = cfg.gpus_per_worker
+    storage_path, storage_fs = ray_storage(cfg.storage_path)
+    # The rows go through the object store, as a reference: each node fetches them once, however large, and
+    # by value they would also be copied into Ray Train's run state (which records the loop config).
+    rows_ref = ray.put(rows.select(["prompt", "target"]))
     trainer = TorchTrainer(
         _train_worker,
-        train_loop_config={"cfg": cfg.model_dump(mode="json"), "env": env},
+        train_loop_config={"cfg": cfg.model_dump(mode="json"), "env": env, "rows": rows_ref},
         torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=gpu, resources_per_worker=resources),
         # A fresh name per call: Ray Train V2 would otherwise try to resume a finished run of the same name.
-        run_config=RunConfig(
-            name=f"train-{uuid.uuid4().hex[:12]}",
-            storage_path=cfg.storage_path if "://" in cfg.storage_path else str(Path(cfg.storage_path).resolve()),
-        ),
+        run_config=RunConfig(name=f"train-{uuid.uuid4().hex[:12]}", storage_path=storage_path,
+                             storage_filesystem=storage_fs),
     )
     start = time.perf_counter()
     result = trainer.fit()
     seconds = time.perf_counter() - start
 
+    metrics = dict(result.metrics)
+    rank_hosts = metrics.pop("rank_hosts")
+    for rank, (host, node) in enumerate(rank_hosts):
+        log.info("training worker %d ran on %s (Ray node %s)", rank, host, node)
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    result.checkpoint.to_directory(str(out))
-    _drop_stored_checkpoint(result.checkpoint)
+    _take_checkpoint(result.checkpoint, out)
     train = TrainResult(
-        **result.metrics, seconds=seconds, gpu_seconds=seconds * cfg.workers * cfg.gpus_per_worker
+        **metrics, seconds=seconds, gpu_seconds=seconds * cfg.workers * cfg.gpus_per_worker,
+        worker_hosts=sorted({host for host, _ in rank_hosts}),
     )
     (out / RESULT_FILE).write_text(json.dumps(train.model_dump(), indent=2) + "\n")
     log.info("trained %d steps, loss %.4f -> %.4f, %.1f s", train.steps, train.initial_loss, train.loss, seconds)
     return train
+
+
+def ray_storage(storage_path: str) -> tuple[str, Any]:
+    """(path, filesystem) for RunConfig: a local folder as an absolute path, on Ray's default filesystem;
+    a URL through the fsspec filesystem the run's storage uses too (one implementation, one way to find
+    credentials), wrapped for pyarrow."""
+    if "://" not in storage_path:
+        return str(Path(storage_path).resolve()), None
+    import fsspec
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    fs, path = fsspec.core.url_to_fs(storage_path)
+    return path, PyFileSystem(FSSpecHandler(fs))
+
+
+def _take_checkpoint(checkpoint: Any, out: Path) -> None:
+    """Put the reported checkpoint's files into ``out``: a rename when both are on one local filesystem (a
+    full model can be many GB), else a download, after which the stored copy is redundant."""
+    import pyarrow.fs
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem):
+        try:
+            os.rename(checkpoint.path, out)
+            return
+        except OSError as err:  # another filesystem (EXDEV), or out is not empty: copy instead
+            log.debug("cannot rename %s to %s (%s): copying", checkpoint.path, out, err)
+    out.mkdir(exist_ok=True)
+    checkpoint.to_directory(str(out))
+    _drop_stored_checkpoint(checkpoint)
 
 
 def _drop_stored_checkpoint(checkpoint: Any) -> None:

@@ -481,6 +481,8 @@ def test_job_killed_in_every_stage_resumes_where_it_died(job: Job, teacher: Scri
     assert sorted(r["id"] for r in kept + rejected) == sorted(r["id"] for r in gen)
     assert [r["id"] for r in merged] == [r["id"] for r in seed] + [r["id"] for r in kept]
     assert len({r["id"] for r in merged}) == len(merged) == len(seed) + len(kept) == it.train_rows + it.kept
+    # Ray Train's folders in the run's storage are gone too: attempt 2's (killed while training) and attempt 3's.
+    assert sorted(p.name for p in file(store, "iter-0/train").iterdir()) == ["_DONE.json", "model"]
     # A SIGKILLed attempt cannot remove its scratch folder (a model copy, Ray Train's checkpoint); the next
     # attempt of the iteration removes what earlier ones left, and the last one its own.
     left = [p for p in job.tmp.glob(f"llm2llm-{RUN}-*-i0-*")]

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import socket
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
 from llm2llm.spec import DeepSpeedSpec, LoraSpec, StudentSpec, TrainingSpec
@@ -31,10 +31,8 @@ def tiny_model() -> str:
 
 
 @pytest.fixture(scope="module")
-def data_path(tmp_path_factory: pytest.TempPathFactory) -> str:
-    path = tmp_path_factory.mktemp("train-data") / "train.parquet"
-    pq.write_table(pa.Table.from_pylist(ROWS), path)
-    return str(path)
+def rows() -> pa.Table:
+    return pa.Table.from_pylist(ROWS)
 
 
 def test_labels_cover_only_the_target_and_eos(tiny_model: str) -> None:
@@ -54,19 +52,18 @@ def test_labels_cover_only_the_target_and_eos(tiny_model: str) -> None:
     assert tokenize_example(tok, prompt, target, max_length=n_prompt) is None  # nothing left to learn
 
 
-def test_lora_zero2_two_workers(ray_local, tiny_model: str, data_path: str, tmp_path: Path) -> None:
+def test_lora_zero2_two_workers(ray_local, tiny_model: str, rows: pa.Table, tmp_path: Path) -> None:
     cfg = TrainConfig(
-        model_path=tiny_model,
+        model=tiny_model,
         method="lora",
         lora=LoraSpec(r=4, alpha=8),
         training=TrainingSpec(steps=3, batch_size=8, micro_batch_size=2, lr=1e-3),
         deepspeed=DeepSpeedSpec(zero_stage=2),
         workers=2,
-        data_path=data_path,
         output_dir=str(tmp_path / "out"),
         storage_path=str(tmp_path / "ray-storage"),
     )
-    result = run_train(cfg)
+    result = run_train(cfg, rows)
 
     out = tmp_path / "out"
     assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
@@ -75,11 +72,14 @@ def test_lora_zero2_two_workers(ray_local, tiny_model: str, data_path: str, tmp_
     assert result.global_batch_size == 8  # 2 per micro-batch x 2 workers x 2 accumulation steps
     assert math.isfinite(result.loss) and math.isfinite(result.initial_loss)
     assert result.tokens > 0 and result.mfu is None and result.gpu_seconds == 0
+    assert result.worker_hosts == [socket.gethostname()]
     assert json.loads((out / RESULT_FILE).read_text()) == result.model_dump()
+    # Same filesystem: the checkpoint was moved out of Ray's storage, not copied.
+    assert not list((tmp_path / "ray-storage").rglob("adapter_model.safetensors"))
 
 
 def test_full_zero3_memorises_and_saves_trained_weights(
-    ray_local, tiny_model: str, data_path: str, tmp_path: Path
+    ray_local, tiny_model: str, rows: pa.Table, tmp_path: Path
 ) -> None:
     student = StudentSpec(
         model="tiny-llama",
@@ -89,7 +89,7 @@ def test_full_zero3_memorises_and_saves_trained_weights(
         workers=2,
     )
     out = tmp_path / "out"
-    result = run_train(TrainConfig.from_spec(student, tiny_model, data_path, str(out), str(tmp_path / "storage")))
+    result = run_train(TrainConfig.from_spec(student, str(out), str(tmp_path / "storage")), rows)
     assert result.steps == 60 and result.loss < result.initial_loss
 
     # Measure with plain transformers from the saved folder: proves the gathered ZeRO-3 weights are the trained ones.

@@ -44,7 +44,7 @@ class Fakes:
         if stage in self.fault:
             self.fault.pop(stage)()
 
-    def run_train(self, cfg):
+    def run_train(self, cfg, rows):
         out = Path(cfg.output_dir)
         out.mkdir(parents=True, exist_ok=True)
         (out / "adapter.bin").write_bytes(os.urandom(256))
@@ -64,11 +64,15 @@ class Fakes:
         return out
 
 
+def _driver_must_not_resolve(name: str) -> str:
+    raise AssertionError(f"the driver resolved {name!r}: models are resolved where they are used (other nodes)")
+
+
 @pytest.fixture
 def fakes(monkeypatch) -> Fakes:
     f = Fakes()
     monkeypatch.setattr(train_mod, "run_train", f.run_train)
-    monkeypatch.setattr(models_mod, "resolve_model", lambda name: "/nonexistent/model")
+    monkeypatch.setattr(models_mod, "resolve_model", _driver_must_not_resolve)
     monkeypatch.setattr(iteration_mod.fanout, "run_tasks", f.run_tasks)
     return f
 
