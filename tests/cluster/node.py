@@ -473,10 +473,13 @@ class Node:
             resolvConf: {c / 'pod-resolv.conf'}
             podLogsDir: {self.workdir / 'pod-logs'}
             serializeImagePulls: false
-            # Images are imported, never pulled: never garbage-collect them, evict only when nearly full.
+            # Images are imported, never pulled: never garbage-collect them. Evict only when the disk is
+            # really full: importing the 8 GB job image briefly takes tens of GB, and a pressure taint would
+            # then keep every pod Pending for the default 5 minutes.
             imageGCHighThresholdPercent: 100
             imageGCLowThresholdPercent: 99
-            evictionHard: {{memory.available: "200Mi", nodefs.available: "2%", imagefs.available: "2%"}}
+            evictionHard: {{memory.available: "200Mi", nodefs.available: "1Gi", imagefs.available: "1Gi"}}
+            evictionPressureTransitionPeriod: 10s
             rotateCertificates: false
             serverTLSBootstrap: false
             """))

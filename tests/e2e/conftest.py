@@ -1,8 +1,12 @@
-"""Fixtures for end-to-end tests against a real control plane (kube-apiserver + etcd, no kubelet).
+"""Fixtures for end-to-end tests against real Kubernetes.
 
-One control plane per pytest session, with KubeRay's real CRDs installed. There are no
-controllers: pods never run, nothing is garbage collected, and deleted namespaces stay Terminating
+`control_plane`: kube-apiserver + etcd only (fast, no kubelet), with KubeRay's real CRDs installed. There
+are no controllers: pods never run, nothing is garbage collected, and deleted namespaces stay Terminating
 forever, so every test works in its own fresh namespace (fixture `namespace`).
+
+`node`: the real single-node cluster of tests/cluster/node.py (kubelet, containerd, kube-proxy, CoreDNS,
+the KubeRay operator) with the locally built images imported: pods really run. One per session; a node
+that is already up (`make cluster`) is used as it is and left up.
 """
 
 from __future__ import annotations
@@ -26,6 +30,10 @@ REPO = Path(__file__).resolve().parents[2]
 KUBERAY_CRDS = REPO.parent / "shared" / "kuberay"  # data shared between projects; read in place
 sys.path.insert(0, str(REPO / "tests" / "cluster"))
 from controlplane import ControlPlane  # noqa: E402
+import node as node_mod  # noqa: E402
+
+# What `make images` builds (scripts/build-images.sh); the node imports them from dockerd.
+NODE_IMAGES = ("llm2llm/operator:dev", "llm2llm/job-cpu:dev")
 
 
 def pytest_collection_modifyitems(items):
@@ -131,3 +139,34 @@ def kubectl(control_plane):
                               capture_output=True, timeout=120)
 
     return run
+
+
+@dataclass
+class NodeCluster:
+    """The real node: a kubeconfig, kubectl and helm bound to it."""
+    kubeconfig: Path
+    tools_bin: Path
+    owned: node_mod.Node | None  # None when the node was up before the session (left running)
+
+    def kubectl(self, *args: str, input: str | None = None, check: bool = True, timeout: float = 300):
+        return subprocess.run([str(self.tools_bin / "kubectl"), f"--kubeconfig={self.kubeconfig}", *args],
+                              input=input, check=check, text=True, capture_output=True, timeout=timeout)
+
+    def helm(self, *args: str, check: bool = True, timeout: float = 300):
+        return subprocess.run([str(self.tools_bin / "helm"), f"--kubeconfig={self.kubeconfig}", *args],
+                              check=check, text=True, capture_output=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def node(tmp_path_factory) -> NodeCluster:
+    tools = node_mod.kubetools_bin()
+    state = node_mod._read_state()
+    if state is not None:
+        node_mod.Node(state["dir"]).load_images(NODE_IMAGES)
+        yield NodeCluster(Path(state["kubeconfig"]), tools, None)
+        return
+    n = node_mod.Node(tmp_path_factory.mktemp("node")).start(images=NODE_IMAGES)
+    try:
+        yield NodeCluster(n.kubeconfig, tools, n)
+    finally:
+        n.stop()
