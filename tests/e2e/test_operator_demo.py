@@ -1,8 +1,10 @@
-"""End to end on a cluster: `kubectl apply -f examples/demo/run.yaml` -> the operator runs every
-iteration as a real Ray job (Jobs API launcher) with real training on a local Ray head -> Succeeded.
+"""The Jobs API launcher end to end: `kubectl apply` of a run -> the operator submits every iteration as a
+real Ray job to an existing Ray cluster's dashboard -> real (tiny) training and inference -> Succeeded.
 
 The control plane has no kubelet, so Ray runs beside it on this machine: the private head `llm2llm run`
-starts (`llm2llm.localray`, `ray start --head --block` on free ports).
+starts (`llm2llm.localray`, `ray start --head --block` on free ports). The full demo through the chart,
+KubeRay and Ray pods is tests/e2e/test_node.py; this one keeps the other launcher honest, on the smallest
+real run (tests/integration/tiny.py) so it costs a minute or two, not the demo's several.
 """
 
 from __future__ import annotations
@@ -13,11 +15,13 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from llm2llm.localray import LocalRayHead
 from tests.e2e.test_operator_harness import REPO, Api, augrun_crd, operator, wait_for  # noqa: F401
+from tests.integration.tiny import tiny_spec
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(2400)]
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(1500)]
 
 
 @pytest.fixture
@@ -37,22 +41,27 @@ def base_dir(tmp_path) -> Path:
     return base
 
 
-def test_demo_run_yaml_on_the_operator(control_plane, operator, namespace, kubectl, ray_head, base_dir):
+def test_a_run_on_the_jobs_api_launcher(control_plane, operator, namespace, kubectl, ray_head, base_dir):
     operator(namespace, "--default-launcher", "jobs-api", "--ray-address", ray_head,
              "--job-python", sys.executable, "--base-dir", str(base_dir))
     started = time.monotonic()
-    kubectl("apply", "-n", namespace, "-f", str(REPO / "examples" / "demo" / "run.yaml"))
+    # Relative paths, as a user writes them: they resolve against the operator's --base-dir.
+    spec = tiny_spec("runs", ray={"launcher": "local"})
+    spec["data"].update(seed="examples/demo/seed.jsonl", test="examples/demo/test.jsonl")
+    doc = {"apiVersion": "llm2llm.io/v1alpha1", "kind": "AugmentationRun", "metadata": {"name": "demo"},
+           "spec": spec}
+    kubectl("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump(doc))
     api = Api(control_plane, namespace)
 
     def finished():
         st = api.status("demo")
         return st.get("phase") in ("Succeeded", "Failed") and st
 
-    st = wait_for(finished, "the demo run to finish", timeout=2100, every=5)
+    st = wait_for(finished, "the run to finish", timeout=1200, every=3)
     elapsed = time.monotonic() - started
     logs = _job_logs(ray_head, [j["name"] for j in st.get("jobs", [])])
     assert st["phase"] == "Succeeded", f"{st}\n{logs}"
-    print(f"\ndemo on the operator: {len(st['iterations'])} iteration(s) in {elapsed:.0f}s")
+    print(f"\njobs-api run on the operator: {len(st['iterations'])} iteration(s) in {elapsed:.0f}s")
 
     its = st["iterations"]
     assert its and all(it["job"] for it in its)
