@@ -93,15 +93,17 @@ def run(args: argparse.Namespace, n_gpu: int) -> dict:
              _temp_dir=str(tmp / "ray"))
     try:
         cfg = TrainConfig(
-            model_path=str(tmp / "model"), method="full",
+            model=str(tmp / "model"), method="full",
             training=TrainingSpec(steps=args.steps, lr=1e-4, batch_size=batch, micro_batch_size=args.micro_batch,
                                   max_length=args.seq, precision="bf16",
                                   gradient_checkpointing=args.gradient_checkpointing),
             deepspeed=DeepSpeedSpec(zero_stage=args.zero), workers=workers, gpus_per_worker=1 if n_gpu else 0,
-            data_path=str(tmp / "data.parquet"), output_dir=str(tmp / "out"), storage_path=str(tmp / "ray-storage"),
+            output_dir=str(tmp / "out"), storage_path=str(tmp / "ray-storage"),
         )
         load0 = C.load_str()
-        result = run_train(cfg)
+        import pyarrow.parquet as pq
+
+        result = run_train(cfg, pq.read_table(tmp / "data.parquet"))
     finally:
         ray.shutdown()
     import torch
