@@ -29,7 +29,7 @@ from llm2llm.planner import stop_reason
 from llm2llm.schemas import DATASET, GENERATED, PREDICTIONS, SCORED, table
 from llm2llm.spec import AugmentationRunSpec, spec_to_wire
 from llm2llm.status import IterationStatus, TokenCounts, now
-from llm2llm.storage import RunStorage, StorageError
+from llm2llm.storage import RunStorage, StorageError, fsync_dir
 from llm2llm.tasks import Task
 
 from . import fanout
@@ -117,7 +117,7 @@ class Iteration:
         try:
             if self.store.is_local:
                 os.rename(out, remote)  # atomic: a half-copied model can never sit behind a marker
-                _fsync_dir(stage)
+                fsync_dir(stage)
             else:
                 self.store.fs.put(out, remote, recursive=True)
         except OSError as err:
@@ -288,15 +288,6 @@ class Iteration:
         it.finished_at = now()
         self.store.write_iteration(it)
         return it
-
-
-def _fsync_dir(path: str) -> None:
-    """Make a rename in ``path`` survive a node crash."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _seed_failures(scored: pa.Table) -> int:

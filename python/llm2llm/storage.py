@@ -53,7 +53,8 @@ def _pause_before_marker(name: str) -> None:
             time.sleep(3600)
 
 
-def _fsync_dir(path: str) -> None:
+def fsync_dir(path: str) -> None:
+    """Make a rename in the local folder ``path`` survive a node crash, not just the renamed bytes."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -106,7 +107,7 @@ class RunStorage:
                         f.flush()
                         os.fsync(f.fileno())
                     os.replace(tmp, path)
-                    _fsync_dir(parent)  # the rename itself must survive a node crash, not just the bytes
+                    fsync_dir(parent)  # the rename itself must survive a node crash, not just the bytes
                 except OSError:
                     with contextlib.suppress(OSError):
                         os.unlink(tmp)
