@@ -19,6 +19,8 @@ openssl, iptables, ip, containerd, runc, ctr, docker (to import images), kubectl
     python tests/cluster/node.py down             # the state file says where DIR is
     python tests/cluster/node.py load IMAGE...    # docker image -> the node's containerd (if missing)
 
+What the node is (addresses, fixed paths, config files) is nodeconf.py.
+
 Library use: ``node = Node(workdir).start()`` ... ``node.kubeconfig`` ... ``node.stop()``.
 """
 
@@ -33,7 +35,6 @@ import secrets
 import shlex
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -47,25 +48,11 @@ REPO = HERE.parents[1]
 sys.path.insert(0, str(HERE))
 from controlplane import _alive, build_binaries, free_ports, tail  # noqa: E402
 
-BRIDGE = "llm2llm0"
-NODE_IP = "10.244.0.1"
-POD_CIDR = "10.244.0.0/24"
-SERVICE_CIDR = "10.96.0.0/16"
-DNS_IP = "10.96.0.10"
-NODE_NAME = "llm2llm-node"
-CNI_NETWORK = "llm2llm"
-# One node per machine: where `down` finds it, and the containerd socket (short: unix paths <= 107 bytes).
-STATE_DIR = Path("/run/llm2llm-node")
-STATE_FILE = STATE_DIR / "node.json"
-CONTAINERD_STATE = STATE_DIR / "containerd"
-CONTAINERD_SOCK = STATE_DIR / "containerd.sock"
-# Images survive a `down` (importing the job image takes a minute); so does the shared folder's data.
-CACHE = Path(os.environ.get("LLM2LLM_NODE_CACHE") or
-             Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "llm2llm" / "node")
-CONTAINERD_ROOT = CACHE / "containerd"
-# The volume the operator and the Ray pods share (hostPath), mounted at /shared in both.
-SHARED_DIR = Path(os.environ.get("LLM2LLM_NODE_SHARED") or "/var/lib/llm2llm-node/shared")
-PAUSE_IMAGE = "registry.k8s.io/pause:3.10"  # the name the kubelet expects; built from pause/ here
+from nodeconf import (  # noqa: E402
+    BRIDGE, CNI_NETWORK, CONTAINERD_ROOT, CONTAINERD_SOCK, CONTAINERD_STATE, NODE_IP, NODE_NAME,
+    PAUSE_IMAGE, POD_CIDR, SERVICE_CIDR, SHARED_DIR, STATE_DIR, STATE_FILE, bootstrap_manifest, write_configs,
+)
+
 # Marks the one iptables rule the node adds itself; kube-proxy, the kubelet and CNI add the others.
 RULE_COMMENT = "llm2llm-node: pod traffic stays on the bridge"
 _OWNED_CHAINS = re.compile(r"^(KUBE-|CNI-)")
@@ -253,7 +240,7 @@ class Node:
         own_shared()
         self._network()
         self._certificates()
-        self._configs(bins)
+        self._configs()
 
         self._spawn("containerd", ["containerd", f"--config={self.conf / 'containerd.toml'}"])
         self._wait(lambda: self._ctr("version", check=False).returncode == 0, "containerd", deadline)
@@ -407,165 +394,16 @@ class Node:
         kc = self.conf / f"{name}.kubeconfig"
         return [f"--kubeconfig={kc}", f"--authentication-kubeconfig={kc}", f"--authorization-kubeconfig={kc}"]
 
-    def _configs(self, bins: Path) -> None:
-        c = self.conf
+    def _configs(self) -> None:
         dns_health, dns_ready, kr_metrics, kr_health = free_ports(4)
         self._ports = {"dns_ready": dns_ready, "kuberay_metrics": kr_metrics, "kuberay_health": kr_health}
-        cni = c / "cni"
-        cni.mkdir(exist_ok=True)
-        # No masquerading: pod traffic keeps its source and, with the REJECT rule, stays on the bridge.
-        # firewall: dockerd sets FORWARD's policy to DROP; this plugin accepts the pods' own traffic.
-        (cni / "10-llm2llm.conflist").write_text(json.dumps({
-            "cniVersion": "1.0.0", "name": CNI_NETWORK, "plugins": [
-                {"type": "bridge", "bridge": BRIDGE, "isGateway": True, "ipMasq": False, "hairpinMode": True,
-                 "ipam": {"type": "host-local", "ranges": [[{"subnet": POD_CIDR, "gateway": NODE_IP}]],
-                          "routes": [{"dst": "0.0.0.0/0"}]}},
-                {"type": "portmap", "capabilities": {"portMappings": True}},
-                {"type": "firewall"},
-            ]}, indent=2))
-        (c / "containerd.toml").write_text(textwrap.dedent(f"""\
-            version = 2
-            root = "{CONTAINERD_ROOT}"
-            state = "{CONTAINERD_STATE}"
-            [grpc]
-              address = "{CONTAINERD_SOCK}"
-            [plugins."io.containerd.grpc.v1.cri"]
-              # The VM withholds CAP_SYS_RESOURCE: a sandbox's oom_score_adj of -998 cannot be set.
-              restrict_oom_score_adj = true
-              sandbox_image = "{PAUSE_IMAGE}"
-              disable_tcp_service = true
-              stream_server_address = "127.0.0.1"
-              stream_server_port = "0"
-              tolerate_missing_hugetlb_controller = true
-              disable_hugetlb_controller = true
-              [plugins."io.containerd.grpc.v1.cri".cni]
-                bin_dir = "/usr/lib/cni"
-                conf_dir = "{cni}"
-                max_conf_num = 1
-              [plugins."io.containerd.grpc.v1.cri".containerd]
-                snapshotter = "overlayfs"
-                default_runtime_name = "runc"
-                [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
-                  runtime_type = "io.containerd.runc.v2"
-            """))
-        # Pods resolve through the cluster DNS only; the host's resolvers are never handed to them.
-        (c / "pod-resolv.conf").write_text(f"nameserver {DNS_IP}\n")
-        (c / "kubelet.yaml").write_text(textwrap.dedent(f"""\
-            apiVersion: kubelet.config.k8s.io/v1beta1
-            kind: KubeletConfiguration
-            address: {NODE_IP}
-            port: 10250
-            readOnlyPort: 0
-            healthzBindAddress: 127.0.0.1
-            healthzPort: 10248
-            # This VM runs cgroup v1 with no systemd cgroup manager; swap may be on.
-            cgroupDriver: cgroupfs
-            failCgroupV1: false
-            failSwapOn: false
-            containerRuntimeEndpoint: unix://{CONTAINERD_SOCK}
-            authentication:
-              anonymous: {{enabled: false}}
-              webhook: {{enabled: true}}
-              x509: {{clientCAFile: {self.pki / 'ca.crt'}}}
-            authorization: {{mode: Webhook}}
-            clusterDomain: cluster.local
-            clusterDNS: [{DNS_IP}]
-            resolvConf: {c / 'pod-resolv.conf'}
-            podLogsDir: {self.workdir / 'pod-logs'}
-            serializeImagePulls: false
-            # Images are imported, never pulled: never garbage-collect them. Evict only when the disk is
-            # really full: importing the 8 GB job image briefly takes tens of GB, and a pressure taint would
-            # then keep every pod Pending for the default 5 minutes.
-            imageGCHighThresholdPercent: 100
-            imageGCLowThresholdPercent: 99
-            evictionHard: {{memory.available: "200Mi", nodefs.available: "1Gi", imagefs.available: "1Gi"}}
-            evictionPressureTransitionPeriod: 10s
-            rotateCertificates: false
-            serverTLSBootstrap: false
-            """))
-        (c / "kube-proxy.yaml").write_text(textwrap.dedent(f"""\
-            apiVersion: kubeproxy.config.k8s.io/v1alpha1
-            kind: KubeProxyConfiguration
-            clientConnection: {{kubeconfig: {c / 'proxy.kubeconfig'}}}
-            mode: iptables
-            clusterCIDR: {POD_CIDR}
-            hostnameOverride: {NODE_NAME}
-            bindAddress: {NODE_IP}
-            healthzBindAddress: 127.0.0.1:10256
-            metricsBindAddress: 127.0.0.1:10249
-            nodePortAddresses: ["{NODE_IP}/32"]
-            conntrack: {{maxPerCore: 0}}
-            """))
-        # Cluster DNS only: no `forward` plugin, so no query ever leaves the machine.
-        (c / "Corefile").write_text(textwrap.dedent(f"""\
-            .:53 {{
-                bind {NODE_IP}
-                errors
-                health 127.0.0.1:{dns_health}
-                ready 127.0.0.1:{dns_ready}
-                kubernetes cluster.local in-addr.arpa ip6.arpa {{
-                    kubeconfig {c / 'coredns.kubeconfig'} llm2llm-node
-                    pods insecure
-                    fallthrough in-addr.arpa ip6.arpa
-                }}
-                cache 30
-                loop
-                loadbalance
-            }}
-            """))
+        write_configs(self.conf, self.pki, self.workdir, dns_health, dns_ready)
 
     def _bootstrap_objects(self) -> None:
         """RBAC for CoreDNS and KubeRay, the kube-dns Service in front of the host's CoreDNS, KubeRay's CRDs."""
         kuberay = kuberay_module()
         manifests = self.conf / "bootstrap.yaml"
-        manifests.write_text(textwrap.dedent(f"""\
-            apiVersion: rbac.authorization.k8s.io/v1
-            kind: ClusterRole
-            metadata: {{name: "llm2llm-node:coredns"}}
-            rules:
-            - apiGroups: [""]
-              resources: [endpoints, services, pods, namespaces]
-              verbs: [list, watch]
-            - apiGroups: [discovery.k8s.io]
-              resources: [endpointslices]
-              verbs: [list, watch]
-            ---
-            apiVersion: rbac.authorization.k8s.io/v1
-            kind: ClusterRoleBinding
-            metadata: {{name: "llm2llm-node:coredns"}}
-            roleRef: {{apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: "llm2llm-node:coredns"}}
-            subjects: [{{apiGroup: rbac.authorization.k8s.io, kind: User, name: "llm2llm-node:coredns"}}]
-            ---
-            apiVersion: rbac.authorization.k8s.io/v1
-            kind: ClusterRoleBinding
-            metadata: {{name: "llm2llm-node:kuberay-operator"}}
-            roleRef: {{apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: kuberay-operator}}
-            subjects: [{{apiGroup: rbac.authorization.k8s.io, kind: User, name: "llm2llm-node:kuberay-operator"}}]
-            ---
-            # CoreDNS is a host process on the bridge address; this Service gives it the cluster DNS IP.
-            apiVersion: v1
-            kind: Service
-            metadata: {{name: kube-dns, namespace: kube-system, labels: {{k8s-app: kube-dns}}}}
-            spec:
-              clusterIP: {DNS_IP}
-              ports:
-              - {{name: dns, port: 53, protocol: UDP, targetPort: 53}}
-              - {{name: dns-tcp, port: 53, protocol: TCP, targetPort: 53}}
-            ---
-            apiVersion: discovery.k8s.io/v1
-            kind: EndpointSlice
-            metadata:
-              name: kube-dns-host
-              namespace: kube-system
-              labels: {{kubernetes.io/service-name: kube-dns, endpointslice.kubernetes.io/managed-by: llm2llm-node}}
-            addressType: IPv4
-            endpoints:
-            - addresses: ["{NODE_IP}"]
-              conditions: {{ready: true}}
-            ports:
-            - {{name: dns, port: 53, protocol: UDP}}
-            - {{name: dns-tcp, port: 53, protocol: TCP}}
-            """))
+        manifests.write_text(bootstrap_manifest())
         self.kubectl("apply", "-f", manifests)
         self.kubectl("apply", "-f", kuberay / "config" / "rbac" / "role.yaml")
         # KubeRay's CRDs exceed the 256 KiB last-applied annotation of a client-side apply.
