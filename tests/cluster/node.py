@@ -245,6 +245,8 @@ class Node:
         self._spawn("containerd", ["containerd", f"--config={self.conf / 'containerd.toml'}"])
         self._wait(lambda: self._ctr("version", check=False).returncode == 0, "containerd", deadline)
         self.load_images((PAUSE_IMAGE, *images))
+        # The timeout is for the bring-up: a first import of the 8 GB job image alone takes minutes.
+        deadline = time.monotonic() + timeout
 
         etcd_client, etcd_peer, etcd_metrics = free_ports(3)
         self._spawn("etcd", [
