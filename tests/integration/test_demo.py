@@ -17,13 +17,16 @@ import yaml
 
 from tests.conftest import REPO
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(1800)]  # a whole 3-iteration run on CPU
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(1800)]  # a whole run on CPU
 LINEAGE = {"id", "parent_id", "iteration", "source", "teacher_model", "prompt_hash"}
 
 
 def test_demo_run_end_to_end(tmp_path):
     doc = yaml.safe_load((REPO / "examples/demo/run.yaml").read_text())
     doc["spec"]["output"] = str(tmp_path / "runs")
+    # Two iterations show everything a third would (growth, lineage, one job each) at two thirds of the cost;
+    # the same demo also runs in pods in tests/e2e/test_node.py.
+    doc["spec"]["loop"]["maxIterations"] = 2
     run_yaml = tmp_path / "run.yaml"
     run_yaml.write_text(yaml.safe_dump(doc))
     cli = Path(sys.executable).with_name("llm2llm")
@@ -33,7 +36,7 @@ def test_demo_run_end_to_end(tmp_path):
     status = json.loads((tmp_path / "runs/demo/status.json").read_text())
     assert status["phase"] == "Succeeded", log
     its = status["iterations"]
-    assert len(its) >= 3, log
+    assert len(its) == 2, log
     for it in its:
         for key in ("seedAccuracy", "failures", "generated", "kept", "rejected", "trainRows", "seconds"):
             assert key in it, (key, it)
