@@ -89,7 +89,9 @@ class LocalRayHead:
             try:
                 job = client.submit_job(entrypoint="true")
                 break
-            except (RuntimeError, ConnectionError) as err:
+            except (RuntimeError, OSError) as err:  # OSError: requests' ConnectionError while the agent starts
+                if self._proc is not None and self._proc.poll() is not None:
+                    self._up()  # the head died: raise with its log
                 if time.monotonic() > deadline:
                     self.stop()
                     raise RayStartError(f"the local Ray head takes no job after {self.timeout:.0f}s: {err}") from None
@@ -102,10 +104,11 @@ class LocalRayHead:
 
     def _up(self) -> bool:
         assert self._proc is not None and self._log is not None
-        if self._proc.poll() is not None:
+        code = self._proc.poll()
+        if code is not None:
             tail = self._log.read_text(errors="replace")[-3000:]
             self.stop()
-            raise RayStartError(f"`ray start --head` exited with {self._proc.returncode}:\n{tail}")
+            raise RayStartError(f"`ray start --head` exited with {code}:\n{tail}")
         try:
             with urllib.request.urlopen(f"{self.address}/api/version", timeout=2) as r:
                 return r.status == 200
