@@ -111,15 +111,19 @@ def infer_shard(model: str, prompts: list[str], adapter: str | None, max_tokens:
 
 
 def teach_shard(spec: dict, model_path: str | None, failures: list[dict], existing: list[str], held_out: list[str],
-                iteration: int, shard: int, token_budget: int | None, api_key_env: str) -> dict[str, Any]:
+                iteration: int, shard: int, token_budget: int | None, api_key_env: str,
+                examples: list[list[str]] | None = None, reply_format: str | None = None) -> dict[str, Any]:
     """Ask the teacher for samplesPerFailure new examples per failure, in bounded rounds: a failure whose
     candidates were all rejected is asked again, up to teacher.maxRounds. Returns GENERATED rows (every
-    candidate, kept or not: the filter stage makes the final, deterministic call) and token counts."""
+    candidate, kept or not: the filter stage makes the final, deterministic call), token counts and the reply
+    format used. ``examples``: the seed rows of the teacher's worked example (tasks.demonstration_rows).
+    ``reply_format``: the format an earlier iteration of the run settled on (no need to ask the endpoint
+    again); None: "json" when teacher.structuredOutput and the backend can constrain replies, else "text"."""
     from . import filter as flt
     from .teach import make_teacher
 
     run = AugmentationRunSpec.model_validate(spec)
-    t, task = run.teacher, Task(run.task)
+    t, task = run.teacher, Task(run.task, tuple((q, a) for q, a in examples or ()))
     api_key = os.environ.get(api_key_env) or None
     teacher = make_teacher(t, model_path, api_key)
     judge = flt.CandidateFilter(task, run.filters, t.samples_per_failure, existing=existing, held_out=held_out)
@@ -128,6 +132,8 @@ def teach_shard(spec: dict, model_path: str | None, failures: list[dict], existi
     prompt_tokens = completion_tokens = 0
     stopped = None
     try:
+        fmt = reply_format or teacher.reply_format("json" if t.structured_output else "text")
+        prompt_hash = task.prompt_hash(fmt)
         for round_ in range(t.max_rounds):
             pending = [f for f in failures if need[f["id"]] > 0]
             if not pending:
@@ -137,23 +143,27 @@ def teach_shard(spec: dict, model_path: str | None, failures: list[dict], existi
                 break
             convs = [
                 task.teacher_messages(f["input"], f["output"], need[f["id"]],
-                                      f["prediction"] if t.show_student_answer else None)
+                                      f["prediction"] if t.show_student_answer else None, fmt)
                 for f in pending
             ]
+            schemas = ([task.reply_schema(need[f["id"]], run.filters.max_output_chars) for f in pending]
+                       if fmt == "json" else None)
             seed = run.student.training.seed * 1_000_003 + iteration * 1009 + shard * 101 + round_
             outputs = teacher.complete(convs, n=1, temperature=t.temperature, top_p=t.top_p,
-                                       max_tokens=t.max_tokens, seed=seed)
+                                       max_tokens=t.max_tokens, seed=seed, schemas=schemas)
             for f, completions in zip(pending, outputs):
                 for c in completions:
                     prompt_tokens += c.prompt_tokens
                     completion_tokens += c.completion_tokens
-                    for cand in flt.candidates_from_completion(c.text, f["id"], round_, t.model, task.prompt_hash(),
-                                                               iteration, c.prompt_tokens, c.completion_tokens):
+                    for cand in flt.candidates_from_completion(c.text, f["id"], round_, t.model, prompt_hash,
+                                                               iteration, c.prompt_tokens, c.completion_tokens,
+                                                               parse=lambda text: task.parse_reply(text, fmt)):
                         rows.append(cand)
                         if cand["parse_error"] is None and judge.judge(f["id"], cand["input"], judge.clean(cand["output"])) is None:
                             need[f["id"]] -= 1
     finally:
         teacher.close()
-    log.info("teach shard %d: %d candidates, %d prompt + %d completion tokens", shard, len(rows), prompt_tokens,
-             completion_tokens)
-    return {"rows": rows, "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "stopped": stopped}
+    log.info("teach shard %d: %d candidates (%s replies), %d prompt + %d completion tokens", shard, len(rows), fmt,
+             prompt_tokens, completion_tokens)
+    return {"rows": rows, "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "stopped": stopped,
+            "reply_format": fmt}

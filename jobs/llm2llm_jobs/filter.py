@@ -11,7 +11,7 @@ import operator
 import re
 import time
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -619,7 +619,7 @@ def filter_candidates(
                     "iteration": iteration,
                     "source": "teacher",
                     "teacher_model": teacher_model,
-                    "prompt_hash": prompt_hash,
+                    "prompt_hash": cand.get("prompt_hash") or prompt_hash,
                     "input": question,
                     "output": answer,
                 }
@@ -631,9 +631,10 @@ def filter_candidates(
 
 
 def candidates_from_completion(text: str, parent_id: str, round_: int, teacher_model: str, prompt_hash: str,
-                               iteration: int, prompt_tokens: int, completion_tokens: int) -> list[dict]:
-    """GENERATED rows from one teacher completion (one row per parsed item, or one unparseable row).
-    Token counts are attributed to the first row so sums stay exact."""
+                               iteration: int, prompt_tokens: int, completion_tokens: int, *,
+                               parse: Callable[[str], list[tuple[str, str]]] = parse_teacher_output) -> list[dict]:
+    """GENERATED rows from one teacher completion (one row per item ``parse`` finds, or one unparseable
+    row). Token counts are attributed to the first row so sums stay exact."""
     base = {"parent_id": parent_id, "iteration": iteration, "source": "teacher", "teacher_model": teacher_model,
             "prompt_hash": prompt_hash, "raw": text, "round": round_}
     if not text.strip():
@@ -641,7 +642,7 @@ def candidates_from_completion(text: str, parent_id: str, round_: int, teacher_m
     elif "\ufffd" in text:
         pairs, error = [], "not_utf8"
     else:
-        pairs = parse_teacher_output(text)
+        pairs = parse(text)
         error = None if pairs else "unparseable"
     if not pairs:
         return [{**base, "id": row_id(parent_id, text + str(round_)), "input": None, "output": None,

@@ -30,7 +30,7 @@ from llm2llm.schemas import DATASET, GENERATED, PREDICTIONS, SCORED, table
 from llm2llm.spec import AugmentationRunSpec, spec_to_wire
 from llm2llm.status import IterationStatus, TokenCounts, now
 from llm2llm.storage import RunStorage, StorageError, fsync_dir
-from llm2llm.tasks import Task
+from llm2llm.tasks import Task, demonstration_rows
 
 from . import fanout
 from . import filter as flt
@@ -183,16 +183,18 @@ class Iteration:
             # model_path None: each task resolves teacher.model on its own node.
             [dict(spec=self.spec.model_dump(mode="json", by_alias=True), model_path=None, failures=groups[k],
                   existing=existing, held_out=held_out, iteration=self.i, shard=k, token_budget=share,
-                  api_key_env=API_KEY_ENV) for k in todo],
+                  api_key_env=API_KEY_ENV, examples=[list(e) for e in self._demonstration()],
+                  reply_format=self._known_reply_format()) for k in todo],
             gpus=t.tensor_parallel if self._gpus() else 0, on_result=commit,
         )
-        rows, totals = [], {"prompt_tokens": 0, "completion_tokens": 0, "stopped": None}
+        rows, totals = [], {"prompt_tokens": 0, "completion_tokens": 0, "stopped": None, "reply_format": None}
         for k in range(len(groups)):
             rows.append(self.store.read_table(self._path("teach", f"shard-{k}.parquet"), GENERATED))
             res = self.store.read_json(self._path("teach", f"shard-{k}.json"))
             totals["prompt_tokens"] += res["prompt_tokens"]
             totals["completion_tokens"] += res["completion_tokens"]
             totals["stopped"] = totals["stopped"] or res["stopped"]
+            totals["reply_format"] = totals["reply_format"] or res.get("reply_format")
         gen = pa.concat_tables(rows) if rows else GENERATED.empty_table()
         self.store.write_table(self._path("teach", "generated.parquet"), gen)
         return {"failures": _seed_failures(scored), "selected": len(failures), "replicas": len(groups),
@@ -227,6 +229,19 @@ class Iteration:
         seed_rows = scored.filter(pc.equal(scored["split"], "seed")).to_pylist()
         return sel.select_seed_rows(seed_rows, self.spec.loop, self.spec.teacher.samples_per_failure,
                                     self.spec.student.training.seed, self.i)
+
+    def _demonstration(self) -> tuple[tuple[str, str], ...]:
+        """The seed rows of the teacher's worked example: the same for every iteration and shard of a run."""
+        seed = self.store.read_table(self.store.path("data", "seed.parquet"), DATASET)
+        rows = list(zip(seed.column("input").to_pylist(), seed.column("output").to_pylist()))
+        return demonstration_rows(self.spec.task, rows, self.spec.student.training.seed)
+
+    def _known_reply_format(self) -> str | None:
+        """The reply format an earlier iteration settled on, so an endpoint is asked once per run."""
+        if not self.spec.teacher.structured_output:
+            return "text"
+        return next((it.teacher_reply_format for it in reversed(self.store.iterations().values())
+                     if it.teacher_reply_format), None)
 
     def _held_out_inputs(self) -> list[str]:
         if not (self.spec.data.test and self.spec.filters.decontaminate):
@@ -276,8 +291,13 @@ class Iteration:
             it.tokens.teacher_prompt = teach.get("prompt_tokens", 0)
             it.tokens.teacher_completion = teach.get("completion_tokens", 0)
             it.gpu_seconds += teach.get("gpu_seconds", 0.0)
+            it.teacher_reply_format = teach.get("reply_format")
             if teach.get("stopped"):
                 it.stop_reason = teach["stopped"]
+            elif it.kept == 0 and it.failures > 0:
+                # Another iteration would retrain on exactly this data (teach already asked up to
+                # teacher.maxRounds times): stop, and say why the candidates were refused.
+                it.stop_reason = "NoNewData"
         else:
             it.stop_reason = reason
         for stage in ("prepare", "train", "infer", "score", "teach", "filter", "merge"):

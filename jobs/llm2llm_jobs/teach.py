@@ -2,12 +2,16 @@
 OpenAI-compatible chat endpoint.
 
 ``complete`` takes chat conversations and returns ``n`` sampled completions per conversation, each with
-its token usage (for lineage and the teacher-token budget).
+its token usage (for lineage and the teacher-token budget). With ``schemas`` (one JSON schema per
+conversation) the reply is constrained to the schema where the backend can do it: vLLM through structured
+outputs, an OpenAI-compatible endpoint through ``response_format``. ``reply_format`` says which format a
+backend will actually give, so the caller can prompt and parse accordingly.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from dataclasses import dataclass
 from typing import Protocol
@@ -35,8 +39,12 @@ class TeacherAuthError(TeacherUnavailable):
 
 
 class Teacher(Protocol):
+    def reply_format(self, wanted: str) -> str:
+        """"json" when ``wanted`` is "json" and this backend can constrain replies to a schema, else "text"."""
+        ...
+
     def complete(self, conversations: list[list[dict]], *, n: int, temperature: float, top_p: float,
-                 max_tokens: int, seed: int) -> list[list[Completion]]: ...
+                 max_tokens: int, seed: int, schemas: list[dict] | None = None) -> list[list[Completion]]: ...
 
     def close(self) -> None: ...
 
@@ -55,12 +63,22 @@ class VllmTeacher:
         self._llm = LLM(model=model_path, dtype=dtype or default_dtype(), seed=0, max_model_len=max_model_len,
                         tensor_parallel_size=tensor_parallel, enforce_eager=not has_cuda(), **extra)
 
-    def complete(self, conversations, *, n, temperature, top_p, max_tokens, seed):
+    def reply_format(self, wanted: str) -> str:
+        return wanted
+
+    def complete(self, conversations, *, n, temperature, top_p, max_tokens, seed, schemas=None):
         from vllm import SamplingParams
+        from vllm.sampling_params import StructuredOutputsParams
 
         # With a seed, vLLM gives each of the n samples its own seed (seed + index), so they differ.
-        params = SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed)
-        outs = self._llm.chat(conversations, params, use_tqdm=False)
+        def params(schema: dict | None) -> SamplingParams:
+            # No free whitespace: a small model constrained to JSON otherwise spends its tokens on newlines.
+            structured = None if schema is None else StructuredOutputsParams(json=schema, disable_any_whitespace=True)
+            return SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed,
+                                  structured_outputs=structured)
+
+        per_prompt = [params(s) for s in schemas] if schemas is not None else params(None)
+        outs = self._llm.chat(conversations, per_prompt, use_tqdm=False)
         return [
             [Completion(c.text, len(out.prompt_token_ids or []), len(c.token_ids)) for c in out.outputs]
             for out in outs
@@ -80,8 +98,14 @@ class HfTeacher:
         self._tok, self._model = load_hf(model_path, None, dtype or default_dtype())
         self._batch_size = batch_size
 
-    def complete(self, conversations, *, n, temperature, top_p, max_tokens, seed):
+    def reply_format(self, wanted: str) -> str:
+        return "text"  # generate() has no schema constraint here: the text format and its parser
+
+    def complete(self, conversations, *, n, temperature, top_p, max_tokens, seed, schemas=None):
         import torch
+
+        if schemas is not None:
+            raise ValueError("HfTeacher cannot constrain replies to a schema (reply_format is text)")
 
         tok, model, eos = self._tok, self._model, self._eos()
         torch.manual_seed(seed)
@@ -131,31 +155,74 @@ class OpenAITeacher:
         self.endpoint, self.model = endpoint, model
         self._api_key = api_key  # from the caller only (a Secret-backed env var); never logged
         self.max_concurrency, self.timeout_s, self.max_retries = max_concurrency, timeout_s, max_retries
+        self._formats: dict[str, str] = {}
 
     def __repr__(self) -> str:
         return f"OpenAITeacher(endpoint={self.endpoint!r}, model={self.model!r})"
 
-    def complete(self, conversations, *, n, temperature, top_p, max_tokens, seed):
-        # A fresh client per call: an async client is bound to the event loop that asyncio.run creates.
-        return asyncio.run(self._complete(conversations, n, temperature, top_p, max_tokens, seed))
+    def reply_format(self, wanted: str) -> str:
+        """Asks the endpoint once (one request of a few tokens) whether it honours a JSON-schema
+        ``response_format``: many OpenAI-compatible servers refuse it (400/422) or ignore it. Remembered."""
+        if wanted != "json":
+            return "text"
+        if wanted not in self._formats:
+            self._formats[wanted] = asyncio.run(self._probe())
+        return self._formats[wanted]
 
-    async def _complete(self, conversations, n, temperature, top_p, max_tokens, seed):
+    async def _probe(self) -> str:
         import openai
 
-        client = openai.AsyncOpenAI(base_url=self.endpoint, api_key=self._api_key or "EMPTY",
-                                    max_retries=self.max_retries, timeout=self.timeout_s)
+        schema = {"type": "object", "properties": {"items": {"type": "array", "maxItems": 0}},
+                  "required": ["items"], "additionalProperties": False}
+        async with self._client() as client:
+            try:
+                r = await client.chat.completions.create(
+                    model=self.model, messages=[{"role": "user", "content": 'Reply with {"items": []}'}],
+                    max_tokens=16, temperature=0, response_format=_response_format(schema))
+            except (openai.BadRequestError, openai.UnprocessableEntityError, openai.NotFoundError) as err:
+                log.info("teacher endpoint %s refuses JSON-schema replies (%s): text format", self.endpoint,
+                         type(err).__name__)
+                return "text"
+            except (openai.AuthenticationError, openai.PermissionDeniedError) as err:
+                raise TeacherAuthError(f"teacher endpoint {self.endpoint} rejected the API key: {err}") from err
+            except openai.APIError as err:
+                raise TeacherUnavailable(f"teacher endpoint {self.endpoint} failed: {type(err).__name__}: {err}") from err
+        try:
+            ok = json.loads(r.choices[0].message.content or "") == {"items": []}
+        except ValueError:
+            ok = False
+        if not ok:
+            log.info("teacher endpoint %s ignores JSON-schema response_format: text format", self.endpoint)
+        return "json" if ok else "text"
+
+    def _client(self):
+        import openai
+
+        return openai.AsyncOpenAI(base_url=self.endpoint, api_key=self._api_key or "EMPTY",
+                                  max_retries=self.max_retries, timeout=self.timeout_s)
+
+    def complete(self, conversations, *, n, temperature, top_p, max_tokens, seed, schemas=None):
+        # A fresh client per call: an async client is bound to the event loop that asyncio.run creates.
+        return asyncio.run(self._complete(conversations, n, temperature, top_p, max_tokens, seed, schemas))
+
+    async def _complete(self, conversations, n, temperature, top_p, max_tokens, seed, schemas):
+        import openai
+
+        client = self._client()
         gate = asyncio.Semaphore(self.max_concurrency)
 
-        async def one(messages: list[dict], sample_seed: int) -> Completion:
+        async def one(messages: list[dict], sample_seed: int, schema: dict | None) -> Completion:
+            extra = {} if schema is None else {"response_format": _response_format(schema)}
             async with gate:
                 r = await client.chat.completions.create(model=self.model, messages=messages, n=1,
                                                          temperature=temperature, top_p=top_p,
-                                                         max_tokens=max_tokens, seed=sample_seed)
+                                                         max_tokens=max_tokens, seed=sample_seed, **extra)
             usage = r.usage
             return Completion(r.choices[0].message.content or "", usage.prompt_tokens if usage else 0,
                               usage.completion_tokens if usage else 0)
 
-        tasks = [asyncio.ensure_future(one(c, seed + i)) for c in conversations for i in range(n)]
+        per = schemas if schemas is not None else [None] * len(conversations)
+        tasks = [asyncio.ensure_future(one(c, seed + i, sch)) for c, sch in zip(conversations, per) for i in range(n)]
         try:
             flat = await asyncio.gather(*tasks)
         except (openai.AuthenticationError, openai.PermissionDeniedError) as err:
@@ -173,6 +240,10 @@ class OpenAITeacher:
 
     def close(self) -> None:
         pass
+
+
+def _response_format(schema: dict) -> dict:
+    return {"type": "json_schema", "json_schema": {"name": "teacher_reply", "schema": schema, "strict": True}}
 
 
 def make_teacher(spec: TeacherSpec, model_path: str | None, api_key: str | None) -> Teacher:

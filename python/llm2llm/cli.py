@@ -44,6 +44,7 @@ def _check_data(run) -> list[str]:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from .localray import RayStartError
     from .runner import LocalRunner, format_table
 
     try:
@@ -57,7 +58,11 @@ def _run(args: argparse.Namespace) -> int:
         return EXIT_INVALID
     runner = LocalRunner(run, address=args.address)
     print(f"llm2llm: run {run.metadata.name!r} -> {runner.store.uri()}", flush=True)
-    status = runner.execute()
+    try:
+        status = runner.execute()
+    except RayStartError as err:  # the embedded Ray head did not come up: say so, no traceback
+        print(f"llm2llm: cannot run {run.metadata.name!r}: {err}", file=sys.stderr)
+        return 1
     print(format_table(status))
     print(f"status: {runner.store.uri('status.json')}")
     return 0 if status.phase in ("Succeeded", "Suspended") else 1

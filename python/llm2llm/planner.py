@@ -295,5 +295,11 @@ def _success_message(reason: str, done: list[IterationStatus]) -> str:
         "Plateau": "held-out accuracy stopped improving",
         "GpuBudget": "budget.gpuHours used up",
         "TeacherBudget": "budget.teacherTokens used up",
+        "NoNewData": "the filter kept none of the teacher's candidates, so another iteration would retrain on the same data",
     }.get(reason, reason)
-    return f"{text} after {len(done)} iteration(s)"
+    message = f"{text} after {len(done)} iteration(s)"
+    if reason == "NoNewData" and done:
+        last = done[-1]
+        why = ", ".join(f"{k} {v}" for k, v in sorted(last.rejected.items(), key=lambda kv: (-kv[1], kv[0])))
+        message += f" (iteration {last.index}: {last.generated} candidates, rejected: {why or 'none'})"
+    return message

@@ -191,6 +191,9 @@ def format_table(status: RunStatus) -> str:
     if status.stop_reason:
         summary += f" ({status.stop_reason})"
     summary += f", {status.augmented_rows} augmented rows"
+    ended = status.condition(status.phase) if status.phase in ("Succeeded", "Failed") else None
+    if ended is not None and ended.message:
+        summary += f"\n{ended.message}"  # why it stopped, e.g. what the filter refused (NoNewData)
     return "\n".join(lines + [summary])
 
 

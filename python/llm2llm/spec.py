@@ -131,6 +131,12 @@ class TeacherSpec(_Model):
     max_concurrency: int = Field(8, ge=1, le=4096, description="Requests in flight (kind openai).")
     max_rounds: int = Field(3, ge=1, le=20, description="Bounded retries asking for more candidates.")
     show_student_answer: bool = Field(False, description="Show the student's wrong answer to the teacher.")
+    structured_output: bool = Field(
+        True,
+        description="Constrain teacher replies to a JSON schema derived from the task (vLLM structured outputs; "
+        "response_format for kind openai, falling back to the text format when the endpoint refuses it). "
+        "false: numbered Question/Answer text, parsed.",
+    )
     request_timeout_seconds: float = Field(120, gt=0, le=3600)
 
 

@@ -52,6 +52,9 @@ class IterationStatus(_Model):
     generated: int = 0
     kept: int = 0
     rejected: dict[str, int] = Field(default_factory=dict)
+    teacher_reply_format: str | None = Field(
+        None, description="json: replies constrained to the task's schema; text: numbered text, parsed."
+    )
     seconds: dict[str, float] = Field(default_factory=dict, description="Wall seconds per stage.")
     tokens: TokenCounts = Field(default_factory=TokenCounts)
     gpu_seconds: float = 0.0

@@ -7,6 +7,8 @@ different ones). Everything here is pure Python so the contract, the jobs and th
 from __future__ import annotations
 
 import hashlib
+import json
+import random
 import re
 from dataclasses import dataclass
 
@@ -40,22 +42,19 @@ GSM8K_TEACHER = (
 )
 GENERIC_SYSTEM = (
     "You write new training examples for a student model. Each new example must test the same skill as "
-    "the one the student got wrong, with different surface details. Use exactly this format for every "
-    "example:\n1. Question: <input>\nAnswer: <output>"
+    "the one the student got wrong, with different surface details, in the same domain and style."
 )
-# A worked example of the reply format for the generic teacher. Small teachers follow a demonstration
-# far better than a format description (SmolLM2-135M produced no parseable item without it).
-GENERIC_ONE_SHOT = (
-    "The student got this example wrong.\nInput: The soup arrived cold and tasted of nothing.\nCorrect output: "
-    "negative\nPlease generate 2 similar examples.",
-    "1. Question: The bread was stale and the butter had gone sour.\nAnswer: negative\n"
-    "2. Question: Our waiter forgot the order twice and never apologised.\nAnswer: negative",
-)
+TEXT_FORMAT = "Use exactly this format for every example:\n1. Question: <input>\nAnswer: <output>"
 GENERIC_TEACHER = (
     "The student got this example wrong.\nInput: {input}\nCorrect output: {output}\n{student_answer}"
     "Please generate {k} similar examples."
 )
-
+# Reply formats. json: a JSON object that the teacher's engine is constrained to (reply_schema); text: the
+# numbered "Question:/Answer:" blocks of parse_teacher_output, for engines that cannot constrain output.
+REPLY_FORMATS = ("json", "text")
+# The field names of one JSON item, per task kind; the last one is the answer.
+JSON_FIELDS = {"gsm8k": ("question", "rationale", "answer"), "classification": ("input", "label"),
+               "exact": ("input", "output")}
 
 def normalize_number(text: str) -> str | None:
     """'1,234.50' -> '1234.5'; returns None when it is not a number."""
@@ -82,6 +81,8 @@ def _norm_ws(text: str) -> str:
 @dataclass(frozen=True)
 class Task:
     spec: TaskSpec
+    # Seed rows (input, output) for the teacher's worked example: demonstration_rows(...) of the run's seed.
+    examples: tuple[tuple[str, str], ...] = ()
 
     @property
     def student_template(self) -> str:
@@ -119,9 +120,21 @@ class Task:
         return True
 
     # --- teacher -----------------------------------------------------------------------------
-    @property
-    def teacher_system(self) -> str:
-        return GSM8K_SYSTEM if self.spec.kind == "gsm8k" else GENERIC_SYSTEM
+    # The teacher sees a system prompt naming the task (and its labels), one worked example and then the
+    # request. The worked example comes from the run's own seed rows (``examples``, see
+    # ``demonstration_rows``), never from a fixed domain: small teachers copy the domain and labels of
+    # whatever example they are shown. GSM8K keeps its built-in worked problem.
+
+    def teacher_system(self, reply_format: str = "text") -> str:
+        base = GSM8K_SYSTEM if self.spec.kind == "gsm8k" else GENERIC_SYSTEM
+        if self.spec.kind == "classification" and self.spec.labels:
+            base += " The output of every example is exactly one of these labels: " + ", ".join(self.spec.labels) + "."
+        if reply_format == "json":
+            fields = JSON_FIELDS[self.spec.kind]
+            item = ", ".join(f'"{f}": ...' for f in fields)
+            return base.split(" Use exactly this format")[0] + (
+                f' Reply with one JSON object: {{"items": [{{{item}}}, ...]}}, one item per new example.')
+        return base if self.spec.kind == "gsm8k" else base + " " + TEXT_FORMAT
 
     @property
     def teacher_template(self) -> str:
@@ -129,30 +142,115 @@ class Task:
             return self.spec.teacher_template
         return GSM8K_TEACHER if self.spec.kind == "gsm8k" else GENERIC_TEACHER
 
-    def teacher_messages(self, input_text: str, output_text: str, k: int, student_answer: str | None) -> list[dict]:
+    def _request(self, input_text: str, output_text: str, k: int, student_answer: str | None) -> str:
         shown = f"The student answered:\n{student_answer}\n" if student_answer is not None else ""
-        user = (
-            self.teacher_template.replace("{input}", input_text)
-            .replace("{output}", output_text)
-            .replace("{k}", str(k))
-            .replace("{student_answer}", shown)
-        )
-        messages = [{"role": "system", "content": self.teacher_system}]
-        if not self.spec.teacher_template:
-            if self.spec.kind == "gsm8k":
-                shot = (GSM8K_ONE_SHOT.split("\n\n1.")[0], "1." + GSM8K_ONE_SHOT.split("\n\n1.")[1])
-            else:
-                shot = GENERIC_ONE_SHOT
-            messages.append({"role": "user", "content": shot[0]})
-            messages.append({"role": "assistant", "content": shot[1]})
-        messages.append({"role": "user", "content": user})
+        return (self.teacher_template.replace("{input}", input_text).replace("{output}", output_text)
+                .replace("{k}", str(k)).replace("{student_answer}", shown))
+
+    def _reply(self, items: list[tuple[str, str]], reply_format: str) -> str:
+        """A reply in ``reply_format`` holding ``items`` (input, output): what a good teacher answers."""
+        if reply_format == "json":
+            return json.dumps({"items": [self.json_item(q, a) for q, a in items]}, ensure_ascii=False)
+        return "\n".join(f"{n}. Question: {q}\nAnswer: {a}" for n, (q, a) in enumerate(items, 1))
+
+    def json_item(self, question: str, answer: str) -> dict:
+        if self.spec.kind == "gsm8k":
+            rationale = GSM8K_ANSWER.sub("", answer).strip()
+            final = gsm8k_extract(answer)
+            return {"question": question, "rationale": rationale, "answer": float(final) if final and "." in final
+                    else int(final) if final else 0}
+        return dict(zip(JSON_FIELDS[self.spec.kind], (question, answer)))
+
+    def _shot(self, reply_format: str) -> tuple[str, str] | None:
+        if self.spec.teacher_template:
+            return None
+        if self.spec.kind == "gsm8k":
+            ask, reply = GSM8K_ONE_SHOT.split("\n\n1.")
+            q, a = reply.split("\nAnswer: ", 1)
+            return ask, self._reply([(q.replace(" Question: ", "", 1).strip(), a)], reply_format)
+        if len(self.examples) < 2:
+            return None
+        (q, a), similar = self.examples[0], list(self.examples[1:])
+        ask = self._request(q, a, len(similar), None)
+        return ask, self._reply(similar, reply_format)
+
+    def teacher_messages(self, input_text: str, output_text: str, k: int, student_answer: str | None,
+                         reply_format: str = "text") -> list[dict]:
+        messages = [{"role": "system", "content": self.teacher_system(reply_format)}]
+        shot = self._shot(reply_format)
+        if shot is not None:
+            messages += [{"role": "user", "content": shot[0]}, {"role": "assistant", "content": shot[1]}]
+        messages.append({"role": "user", "content": self._request(input_text, output_text, k, student_answer)})
         return messages
 
-    def prompt_hash(self) -> str:
-        """Identifies the teacher prompt version (system, one-shot, template), for lineage."""
-        shot = "" if self.spec.teacher_template else (GSM8K_ONE_SHOT if self.spec.kind == "gsm8k" else "".join(GENERIC_ONE_SHOT))
-        text = self.teacher_system + "\x1f" + shot + "\x1f" + self.teacher_template
+    def reply_schema(self, k: int, max_chars: int) -> dict:
+        """The JSON schema a teacher reply for ``k`` new examples must match: exactly k items whose fields
+        hold at most ``max_chars`` characters (filters.maxOutputChars) and, for a classification task with
+        labels, a label among them. A schema guarantees shape, not truth: the filter still judges each item."""
+        text = {"type": "string", "minLength": 1, "maxLength": max_chars}
+        fields = JSON_FIELDS[self.spec.kind]
+        props: dict[str, dict] = {f: dict(text) for f in fields}
+        if self.spec.kind == "gsm8k":
+            props["answer"] = {"type": "number"}
+        elif self.spec.kind == "classification" and self.spec.labels:
+            props["label"] = {"type": "string", "enum": list(self.spec.labels)}
+        item = {"type": "object", "properties": props, "required": list(fields), "additionalProperties": False}
+        return {"type": "object", "additionalProperties": False, "required": ["items"],
+                "properties": {"items": {"type": "array", "items": item, "minItems": k, "maxItems": k}}}
+
+    def parse_reply(self, text: str, reply_format: str) -> list[tuple[str, str]]:
+        """(input, output) pairs of a teacher reply in ``reply_format``; malformed items are skipped."""
+        if reply_format == "text":
+            return parse_teacher_output(text)
+        try:
+            doc = json.loads(text)
+        except ValueError:
+            return []
+        items = doc.get("items") if isinstance(doc, dict) else None
+        pairs = []
+        for item in items if isinstance(items, list) else []:
+            if not isinstance(item, dict):
+                continue
+            if self.spec.kind == "gsm8k":
+                q, rationale, ans = (item.get(f) for f in JSON_FIELDS["gsm8k"])
+                number = normalize_number(str(ans)) if isinstance(ans, (int, float, str)) and not isinstance(ans, bool) else None
+                if not (isinstance(q, str) and isinstance(rationale, str) and number is not None):
+                    continue
+                pair = (q.strip(), f"{rationale.strip()}\n#### {number}")
+            else:
+                q, a = (item.get(f) for f in JSON_FIELDS[self.spec.kind])
+                if not (isinstance(q, str) and isinstance(a, str)):
+                    continue
+                pair = (q.strip(), a.strip())
+            if pair[0] and pair[1]:
+                pairs.append(pair)
+        return pairs
+
+    def prompt_hash(self, reply_format: str = "text") -> str:
+        """Identifies everything fixed that the teacher is sent (system prompt, worked example, request
+        template, reply format), for lineage: rows written under another prompt carry another hash."""
+        shot = self._shot(reply_format) or ("", "")
+        text = "\x1f".join([self.teacher_system(reply_format), *shot, self.teacher_template, reply_format])
         return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def demonstration_rows(spec: TaskSpec, rows: list[tuple[str, str]], seed: int, size: int = 3) -> tuple[tuple[str, str], ...]:
+    """Seed rows for the teacher's worked example, drawn reproducibly (``seed``): the first plays the
+    example the student got wrong, the others the similar examples a good teacher writes for it. For a
+    classification task all share one label (drawn among the labels with enough rows), which shows the
+    teacher to keep the label it is given. Empty for gsm8k (built-in worked problem) or too few rows."""
+    if spec.kind == "gsm8k" or len(rows) < 2:
+        return ()
+    rng = random.Random(seed)
+    if spec.kind == "classification":
+        by_label: dict[str, list[tuple[str, str]]] = {}
+        for q, a in rows:
+            by_label.setdefault(_norm_ws(a), []).append((q, a))
+        groups = [g for _, g in sorted(by_label.items()) if len(g) >= 2]
+        if not groups:
+            return ()
+        rows = rng.choice(groups)
+    return tuple(rng.sample(rows, min(size, len(rows))))
 
 
 _ITEM = re.compile(r"(?:^|\n)\s*\d+[.)]\s*Question:\s*", re.IGNORECASE)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta, timezone
 
 from llm2llm.planner import Backoff, Finish, Idle, JobObservation, Launch, Observed, Stop, Wait, advance, job_name, stop_reason
+from llm2llm.runner import format_table
 from llm2llm.spec import parse_spec
 from llm2llm.status import IterationStatus, RunStatus
 
@@ -147,3 +148,15 @@ def test_deadline_stops_a_job():
     # The stopped attempt counts: the next step backs off before attempt 2.
     _, action, _ = step(sp, st, now=late)
     assert isinstance(action, Backoff) and action.attempt == 2
+
+
+def test_no_new_data_ends_the_run_and_says_what_the_filter_refused():
+    sp = spec()
+    st, launch, _ = step(sp, RunStatus())
+    refused = it(0, kept=0, generated=16, rejected={"bad_format": 11, "unparseable": 5}, stop_reason="NoNewData")
+    st, action, events = step(sp, st, iterations={0: refused}, jobs={launch.name: JobObservation(0, 1, "Succeeded")})
+    # No iteration 1: it would have trained on exactly the data of iteration 0.
+    assert isinstance(action, Finish) and action.reason == "NoNewData" and st.phase == "Succeeded"
+    message = st.condition("Succeeded").message
+    assert "16 candidates" in message and "bad_format 11, unparseable 5" in message, message
+    assert message in format_table(st)  # `llm2llm status` prints why

@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 import re
 
+import jsonschema
 import pytest
 
 from llm2llm.spec import TaskSpec
-from llm2llm.tasks import Task, gsm8k_extract, parse_teacher_output
+from llm2llm.tasks import JSON_FIELDS, Task, demonstration_rows, gsm8k_extract, parse_teacher_output
 from tests.conftest import GSM8K
 
 GSM = Task(TaskSpec(kind="gsm8k"))
@@ -64,3 +65,79 @@ def test_parse_teacher_output_drops_junk_and_incomplete_items():
 def test_prompt_hash_tracks_the_teacher_prompt(prompt_hash_changes):
     custom = Task(TaskSpec(kind="gsm8k", teacher_template="Make {k} like {input}"))
     assert (GSM.prompt_hash() != custom.prompt_hash()) is prompt_hash_changes
+
+
+# --- teacher prompts from the user's task, and replies constrained to a schema -------------------
+
+TICKETS = TaskSpec(kind="classification", labels=["billing", "technical", "account"])
+TICKET_ROWS = [("I was charged twice this month.", "billing"), ("The app crashes on start.", "technical"),
+               ("Please close my account.", "account"), ("Where is my invoice?", "billing"),
+               ("Login page shows error 500.", "technical"), ("Refund the extra charge.", "billing")]
+
+
+def test_worked_example_comes_from_the_runs_seed_rows_and_keeps_one_label():
+    shot = demonstration_rows(TICKETS, TICKET_ROWS, seed=1)
+    assert len(shot) >= 2 and set(shot) <= set(TICKET_ROWS)
+    assert len({label for _, label in shot}) == 1  # the reply keeps the label of the example it was given
+    assert shot == demonstration_rows(TICKETS, TICKET_ROWS, seed=1)  # the same for every shard and iteration
+    task = Task(TICKETS, shot)
+    for fmt in ("json", "text"):
+        msgs = task.teacher_messages("My card was declined.", "billing", 2, None, fmt)
+        text = "\n".join(m["content"] for m in msgs)
+        assert "billing, technical, account" in msgs[0]["content"]  # the system prompt names the labels
+        assert shot[0][0] in msgs[1]["content"] and all(q in msgs[2]["content"] for q, _ in shot[1:])
+        assert "soup" not in text and "positive" not in text  # nothing of a fixed (sentiment) domain
+    # The request template overrides everything, worked example included.
+    custom = Task(TaskSpec(kind="classification", labels=["a", "b"], teacher_template="Write {k} like {input}"),
+                  shot)
+    assert [m["role"] for m in custom.teacher_messages("x", "a", 1, None, "json")] == ["system", "user"]
+
+
+def test_too_few_seed_rows_or_gsm8k_use_no_seed_demonstration():
+    assert demonstration_rows(TICKETS, TICKET_ROWS[:1], seed=0) == ()
+    assert demonstration_rows(TICKETS, [("a", "billing"), ("b", "account")], seed=0) == ()  # no label twice
+    assert demonstration_rows(TaskSpec(kind="gsm8k"), TICKET_ROWS, seed=0) == ()
+    assert len(demonstration_rows(TaskSpec(kind="exact"), TICKET_ROWS, seed=0)) == 3
+    # Without a worked example, only the system prompt and the request are sent.
+    assert len(Task(TICKETS).teacher_messages("x", "billing", 1, None, "json")) == 2
+
+
+@pytest.mark.parametrize("kind", ["classification", "exact", "gsm8k"])
+def test_reply_schema_accepts_the_worked_example_and_refuses_what_the_filter_would(kind):
+    spec = {"classification": TICKETS, "exact": TaskSpec(kind="exact"), "gsm8k": TaskSpec(kind="gsm8k")}[kind]
+    task = Task(spec, demonstration_rows(spec, TICKET_ROWS, seed=2))
+    msgs = task.teacher_messages("Q?", "billing" if kind != "gsm8k" else "1 + 1 = 2\n#### 2", 2, None, "json")
+    shot = json.loads(msgs[2]["content"])
+    jsonschema.validate(shot, task.reply_schema(len(shot["items"]), 4000))
+    schema = task.reply_schema(2, 50)
+    with pytest.raises(jsonschema.ValidationError):  # one item where two were asked for
+        jsonschema.validate({"items": shot["items"][:1]}, schema)
+    fields = JSON_FIELDS[kind]
+    long = {f: "x" * 51 for f in fields} | ({"answer": 3} if kind == "gsm8k" else {})
+    with pytest.raises(jsonschema.ValidationError):  # longer than filters.maxOutputChars
+        jsonschema.validate({"items": [long, long]}, schema)
+    if kind == "classification":
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate({"items": [{"input": "a", "label": "sales"}] * 2}, schema)
+    if kind == "gsm8k":
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate({"items": [{"question": "q", "rationale": "r", "answer": "six"}] * 2}, schema)
+
+
+def test_json_replies_parse_into_the_tasks_pairs_and_skip_malformed_items():
+    gsm = GSM.parse_reply('{"items": [{"question": "Q1?", "rationale": "2 * 3 = 6", "answer": 6.0},'
+                          ' {"question": "Q2?", "rationale": "r", "answer": "x"}, {"question": "Q3?"}]}', "json")
+    assert gsm == [("Q1?", "2 * 3 = 6\n#### 6")] and GSM.is_correct(gsm[0][1], "#### 6")
+    tickets = Task(TICKETS)
+    assert tickets.parse_reply('{"items": [{"input": " Card declined ", "label": "billing"}, 5, {"input": 3}]}',
+                               "json") == [("Card declined", "billing")]
+    for broken in ('{"items": [{"input": "cut off', "[]", '{"items": "no"}', ""):
+        assert tickets.parse_reply(broken, "json") == []
+    assert tickets.parse_reply("1. Question: Card declined\nAnswer: billing", "text") == [("Card declined", "billing")]
+
+
+def test_prompt_hash_covers_the_worked_example_and_the_reply_format():
+    a = Task(TICKETS, demonstration_rows(TICKETS, TICKET_ROWS, seed=1))
+    b = Task(TICKETS, demonstration_rows(TICKETS, TICKET_ROWS[::-1], seed=5))
+    assert a.examples != b.examples
+    assert len({a.prompt_hash("json"), a.prompt_hash("text"), b.prompt_hash("json")}) == 3
