@@ -148,7 +148,8 @@ def teach_shard(spec: dict, model_path: str | None, failures: list[dict], existi
             ]
             schemas = ([task.reply_schema(need[f["id"]], run.filters.max_output_chars) for f in pending]
                        if fmt == "json" else None)
-            seed = run.student.training.seed * 1_000_003 + iteration * 1009 + shard * 101 + round_
+            # Rounds far apart: a failure asked again must not get the seed (and so the reply) it got before.
+            seed = run.student.training.seed * 1_000_003 + iteration * 1009 + shard * 101 + round_ * 65_537
             outputs = teacher.complete(convs, n=1, temperature=t.temperature, top_p=t.top_p,
                                        max_tokens=t.max_tokens, seed=seed, schemas=schemas)
             for f, completions in zip(pending, outputs):

@@ -567,9 +567,13 @@ class CandidateFilter:
         return hit is not None
 
     def clean(self, output: str) -> str:
+        """The training target a candidate's output becomes: what the task judges, without the chatter after it."""
         if self.task.spec.kind == "gsm8k":
             # Anything after the final answer line is the start of the next item or chatter.
             return _GSM8K_TAIL.sub(r"\1", output).strip()
+        if self.task.spec.kind == "classification":
+            # Only the first line is the label (Task.extract); the rest would become training target.
+            return output.strip().split("\n", 1)[0].strip()
         return output.strip()
 
     def judge(self, parent_id: str, question: str, answer: str) -> str | None:

@@ -30,6 +30,12 @@ class Completion:
     completion_tokens: int
 
 
+def sample_seed(seed: int, conversation: int, sample: int, n: int) -> int:
+    """The sampling seed of sample ``sample`` of conversation ``conversation`` in a call seeded ``seed``:
+    distinct for every (conversation, sample) of the call."""
+    return seed + conversation * n + sample
+
+
 class TeacherUnavailable(RuntimeError):
     """The teacher could not answer after bounded retries (or at all); carries the last error."""
 
@@ -60,8 +66,12 @@ class VllmTeacher:
         # during a partial prefill, and a CPU torch.Generator has no offset ("CPU Generator does not use
         # offset"). Long teacher prompts (GSM8K's one-shot, ~500 tokens, 74 of them) hit it; short ones do not.
         extra = {} if has_cuda() else {"enable_chunked_prefill": False, "max_num_batched_tokens": max_model_len}
+        # No free whitespace in JSON replies: a small model constrained to JSON otherwise spends its tokens on
+        # newlines. vLLM reads this per engine only (a per-request disable_any_whitespace is ignored).
+        structured = {"backend": "xgrammar", "disable_any_whitespace": True}
         self._llm = LLM(model=model_path, dtype=dtype or default_dtype(), seed=0, max_model_len=max_model_len,
-                        tensor_parallel_size=tensor_parallel, enforce_eager=not has_cuda(), **extra)
+                        tensor_parallel_size=tensor_parallel, enforce_eager=not has_cuda(),
+                        structured_outputs_config=structured, **extra)
 
     def reply_format(self, wanted: str) -> str:
         return wanted
@@ -70,15 +80,16 @@ class VllmTeacher:
         from vllm import SamplingParams
         from vllm.sampling_params import StructuredOutputsParams
 
-        # With a seed, vLLM gives each of the n samples its own seed (seed + index), so they differ.
-        def params(schema: dict | None) -> SamplingParams:
-            # No free whitespace: a small model constrained to JSON otherwise spends its tokens on newlines.
-            structured = None if schema is None else StructuredOutputsParams(json=schema, disable_any_whitespace=True)
-            return SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed,
-                                  structured_outputs=structured)
+        # Each conversation its own seed (sample_seed), and vLLM gives each of its n samples its own (seed +
+        # index): one seed for all would draw the same random numbers for every failure, and near-identical
+        # prompts would get identical replies.
+        def params(j: int, schema: dict | None) -> SamplingParams:
+            structured = None if schema is None else StructuredOutputsParams(json=schema)
+            return SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens,
+                                  seed=sample_seed(seed, j, 0, n), structured_outputs=structured)
 
-        per_prompt = [params(s) for s in schemas] if schemas is not None else params(None)
-        outs = self._llm.chat(conversations, per_prompt, use_tqdm=False)
+        per = schemas if schemas is not None else [None] * len(conversations)
+        outs = self._llm.chat(conversations, [params(j, s) for j, s in enumerate(per)], use_tqdm=False)
         return [
             [Completion(c.text, len(out.prompt_token_ids or []), len(c.token_ids)) for c in out.outputs]
             for out in outs
@@ -222,7 +233,8 @@ class OpenAITeacher:
                               usage.completion_tokens if usage else 0)
 
         per = schemas if schemas is not None else [None] * len(conversations)
-        tasks = [asyncio.ensure_future(one(c, seed + i, sch)) for c, sch in zip(conversations, per) for i in range(n)]
+        tasks = [asyncio.ensure_future(one(c, sample_seed(seed, j, i, n), sch))
+                 for j, (c, sch) in enumerate(zip(conversations, per)) for i in range(n)]
         try:
             flat = await asyncio.gather(*tasks)
         except (openai.AuthenticationError, openai.PermissionDeniedError) as err:

@@ -5,7 +5,8 @@
   chat completions through transformers (chat template, sampling, usage counts), plus what the tests
   need to observe the client: ``GET /stats`` (requests, faults, max requests in flight) and
   ``POST /admin/faults`` (answer the next ``count`` chat requests with ``status``, ``-1`` = always,
-  optionally with a Retry-After header), ``{"hold": [TEXT, ...]}`` (keep every chat request whose last message
+  optionally with a Retry-After header), ``{"refuse_response_format": true}`` (400 to any request with a
+  ``response_format``; otherwise the server ignores that field, as many do), ``{"hold": [TEXT, ...]}`` (keep every chat request whose last message
   contains one of the TEXTs in flight, unanswered, until the hold is lifted with ``{"hold": null}``). ``/stats`` also
   lists each admitted request's last message (``prompts``) and counts the requests held now (``held``).
   Admin endpoints need no key: test use only.
@@ -71,7 +72,9 @@ def vllm_server(model: str, api_key: str, log_path: Path, *,
     port = free_port()
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--served-model-name",
            served_name, "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
-           "--max-model-len", "2048", "--enforce-eager", "--seed", "0", "--disable-uvicorn-access-log"]
+           "--max-model-len", "2048", "--enforce-eager", "--seed", "0", "--disable-uvicorn-access-log",
+           # As docs/teacher.md advises for a teacher server: JSON replies without free whitespace.
+           "--structured-outputs-config", '{"backend": "xgrammar", "disable_any_whitespace": true}']
     return server_process(cmd, port, log_path, env={"VLLM_API_KEY": api_key})
 
 
@@ -92,7 +95,7 @@ def build_app(model_path: str, api_key: str) -> FastAPI:
     gen_lock = threading.Lock()  # one generate at a time; requests still overlap while they wait
     stats = {"unauthorized": 0, "requests": 0, "faults": 0, "completed": 0, "in_flight": 0, "max_in_flight": 0,
              "held": 0, "prompts": []}
-    faults = {"status": 0, "count": 0, "retry_after": None, "hold": None}
+    faults = {"status": 0, "count": 0, "retry_after": None, "hold": None, "refuse_response_format": False}
     app = FastAPI()
 
     def error(status: int, message: str, code: str, headers: dict | None = None) -> JSONResponse:
@@ -138,7 +141,7 @@ def build_app(model_path: str, api_key: str) -> FastAPI:
     @app.post("/admin/reset")
     async def reset():
         stats.update(unauthorized=0, requests=0, faults=0, completed=0, max_in_flight=stats["in_flight"], prompts=[])
-        faults.update(status=0, count=0, retry_after=None, hold=None)
+        faults.update(status=0, count=0, retry_after=None, hold=None, refuse_response_format=False)
         return stats
 
     @app.get("/v1/models")
@@ -161,6 +164,9 @@ def build_app(model_path: str, api_key: str) -> FastAPI:
                 headers = {"retry-after": str(faults["retry_after"])} if faults["retry_after"] is not None else None
                 return error(faults["status"], f"injected fault {faults['status']}", "injected", headers)
             body = await req.json()
+            if body.get("response_format") and faults.get("refuse_response_format"):
+                # What many OpenAI-compatible servers answer to a JSON-schema response_format.
+                return error(400, "response_format is not supported by this server", "unsupported_parameter")
             last = body["messages"][-1]["content"]
             stats["prompts"].append(last)
             if held(last):

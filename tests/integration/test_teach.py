@@ -8,9 +8,13 @@ import time
 import urllib.request
 
 import pytest
+import yaml
 
-from llm2llm.spec import TaskSpec, TeacherSpec
-from llm2llm.tasks import Task
+from llm2llm.schemas import GENERATED, table
+from llm2llm.spec import AugmentationRunSpec, TaskSpec, TeacherSpec
+from llm2llm.tasks import Task, demonstration_rows
+from llm2llm_jobs.fanout import teach_shard
+from llm2llm_jobs.filter import CandidateFilter, filter_candidates
 from llm2llm_jobs.models import resolve_model
 from llm2llm_jobs.teach import (
     Completion,
@@ -21,7 +25,7 @@ from llm2llm_jobs.teach import (
     VllmTeacher,
     make_teacher,
 )
-from tests.conftest import GSM8K
+from tests.conftest import GSM8K, REPO
 from tests.integration.openai_server import fastapi_server, vllm_server
 
 pytestmark = pytest.mark.integration
@@ -182,3 +186,72 @@ def test_openai_teacher_wrong_key_fails_fast(server: str, conversations: list[li
     assert time.monotonic() - start < 10
     assert wrong not in str(err.value)
     assert admin(server, "/stats")["unauthorized"] == 1  # not retried
+
+
+# --- structured replies: the teach stage's own function on real seed rows -------------------------
+
+def teach_inputs(example: str, n: int, **teacher: object) -> tuple[dict, list[dict], list[str], list[list[str]]]:
+    """examples/<example>/run.yaml's spec (teacher fields replaced by ``teacher``), its first ``n`` seed rows
+    as the failures, every seed input as the existing rows, and the worked example the iteration would pick."""
+    doc = yaml.safe_load((REPO / "examples" / example / "run.yaml").read_text())["spec"]
+    doc["teacher"].update(teacher)
+    spec = AugmentationRunSpec.model_validate(doc)
+    d = spec.data
+    rows = [json.loads(line) for line in (REPO / d.seed).read_text().splitlines()]
+    pairs = [(r[d.input_field], r[d.output_field]) for r in rows]
+    failures = [{"id": f"seed-{i}", "input": q, "output": a, "prediction": ""} for i, (q, a) in enumerate(pairs[:n])]
+    shot = demonstration_rows(spec.task, pairs, spec.student.training.seed)
+    return spec.model_dump(mode="json", by_alias=True), failures, [q for q, _ in pairs], [list(e) for e in shot]
+
+
+def judged(spec: dict, result: dict, existing: list[str], shot: list[list[str]]) -> tuple[list[dict], dict[str, int]]:
+    """The filter stage's verdicts on a teach shard's rows: kept rows and rejection reasons."""
+    run = AugmentationRunSpec.model_validate(spec)
+    task = Task(run.task, tuple(tuple(e) for e in shot))
+    cf = CandidateFilter(task, run.filters, run.teacher.samples_per_failure, existing=existing)
+    kept, _, reasons = filter_candidates(cf, table(result["rows"], GENERATED), run.teacher.model, "h", 0)
+    return kept.to_pylist(), reasons
+
+
+def assert_parseable(spec: dict, result: dict, existing: list[str], shot: list[list[str]], failures: int) -> None:
+    kept, reasons = judged(spec, result, existing, shot)
+    assert result["reply_format"] == "json"
+    assert len(result["rows"]) >= failures  # one reply per failure at least, each with its item(s)
+    assert reasons.get("unparseable", 0) + reasons.get("bad_format", 0) == 0, (reasons, [r["raw"] for r in result["rows"]])
+    labels = spec["task"].get("labels")
+    assert kept and all(r["output"] in labels for r in kept), (reasons, kept)
+    assert all(r["prompt_hash"] == kept[0]["prompt_hash"] for r in kept)  # the hash the shard sent under
+
+
+@pytest.mark.parametrize("example", ["demo", "tickets"])
+def test_vllm_teacher_replies_parse_by_construction(example: str) -> None:
+    spec, failures, existing, shot = teach_inputs(example, 8)
+    result = teach_shard(spec, None, failures, existing, [], 0, 0, None, "LLM2LLM_TEST_NO_KEY", shot)
+    assert_parseable(spec, result, existing, shot, len(failures))
+
+
+@pytest.mark.parametrize("example", ["demo", "tickets"])
+def test_openai_teacher_replies_parse_by_construction_on_a_vllm_server(
+        example: str, vllm_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LLM2LLM_TEST_KEY", KEY)
+    spec, failures, existing, shot = teach_inputs(example, 8, kind="openai", endpoint=vllm_url, model="teacher")
+    result = teach_shard(spec, None, failures, existing, [], 0, 0, None, "LLM2LLM_TEST_KEY", shot)
+    assert_parseable(spec, result, existing, shot, len(failures))
+
+
+@pytest.mark.parametrize("refuse", [True, False], ids=["refuses", "ignores"])
+def test_openai_endpoint_without_json_schema_gets_the_text_format(
+        refuse: bool, server: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One probe request per run decides; then every request is a text-format one, parsed as before."""
+    admin(server, "/admin/faults", {"refuse_response_format": refuse})
+    monkeypatch.setenv("LLM2LLM_TEST_KEY", KEY)
+    spec, failures, existing, shot = teach_inputs("demo", 2, kind="openai", endpoint=server, model="teacher",
+                                                  maxTokens=48)
+    result = teach_shard(spec, None, failures, existing, [], 0, 0, None, "LLM2LLM_TEST_KEY", shot)
+    assert result["reply_format"] == "text"
+    stats = admin(server, "/stats")
+    assert stats["requests"] == 1 + len(failures)  # the probe, then one text request per failure
+    # An iteration that knows the format from an earlier one does not ask again.
+    admin(server, "/admin/reset")
+    teach_shard(spec, None, failures, existing, [], 1, 0, None, "LLM2LLM_TEST_KEY", shot, reply_format="text")
+    assert admin(server, "/stats")["requests"] == len(failures)

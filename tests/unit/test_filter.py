@@ -80,3 +80,13 @@ def test_score_counts_failures_per_split():
     scored, m = score(GSM, preds)
     assert m == {"seed_accuracy": 0.5, "seed_failures": 1, "test_accuracy": 0.0, "test_failures": 1}
     assert scored.column("correct").to_pylist() == [True, False, False]
+
+
+def test_a_classification_candidate_keeps_only_its_label_as_the_training_target():
+    task = Task(TaskSpec(kind="classification", labels=["positive", "negative"]))
+    flt = CandidateFilter(task, FiltersSpec(), 1, existing=[])
+    cands = candidates_from_completion(
+        "1. Question: The tram was late again.\nAnswer: negative\n\nYes, you found another example: 1. Quest",
+        "p1", 0, "t", "h", 0, 1, 1)
+    kept, _, _ = filter_candidates(flt, table(cands, GENERATED), "t", "h", 0)
+    assert kept.column("output").to_pylist() == ["negative"]
