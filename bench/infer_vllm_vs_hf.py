@@ -26,15 +26,7 @@ from bench import _common as C
 
 GOAL = 2.0
 GSM8K_TEST = C.ROOT.parent / "shared" / "data" / "gsm8k" / "test.jsonl"
-ENV = {
-    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-    "VLLM_HOST_IP": "127.0.0.1",
-    "VLLM_CPU_KVCACHE_SPACE": "2",
-    "VLLM_CPU_OMP_THREADS_BIND": "0-1",
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-}
+ENV = C.VLLM_CPU_ENV
 
 
 def prompts(n: int) -> list[str]:

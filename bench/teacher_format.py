@@ -36,16 +36,7 @@ from typing import Any
 
 from bench import _common as C
 
-ENV = {
-    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-    "VLLM_HOST_IP": "127.0.0.1",
-    "VLLM_CPU_KVCACHE_SPACE": "2",
-    "VLLM_CPU_OMP_THREADS_BIND": "0-1",
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-    "RAY_USAGE_STATS_ENABLED": "0",
-}
+ENV = {**C.VLLM_CPU_ENV, "RAY_USAGE_STATS_ENABLED": "0"}
 TASKS = {
     "demo": "examples/demo/run.yaml",
     "tickets": "examples/tickets/run.yaml",
