@@ -21,6 +21,9 @@ from llm2llm.spec import TeacherSpec
 from .infer import default_dtype, free_memory, has_cuda, load_hf, release_vllm
 
 log = logging.getLogger(__name__)
+# The one request that asks an OpenAI-compatible endpoint whether it honours a JSON-schema response_format
+# (once per teach shard, in the first iteration that teaches; later iterations reuse the recorded answer).
+PROBE_MESSAGE = 'Reply with {"items": []}'
 
 
 @dataclass
@@ -188,7 +191,7 @@ class OpenAITeacher:
         async with self._client() as client:
             try:
                 r = await client.chat.completions.create(
-                    model=self.model, messages=[{"role": "user", "content": 'Reply with {"items": []}'}],
+                    model=self.model, messages=[{"role": "user", "content": PROBE_MESSAGE}],
                     max_tokens=16, temperature=0, response_format=_response_format(schema))
             except (openai.BadRequestError, openai.UnprocessableEntityError, openai.NotFoundError) as err:
                 log.info("teacher endpoint %s refuses JSON-schema replies (%s): text format", self.endpoint,

@@ -33,6 +33,7 @@ from llm2llm.storage import RunStorage
 from llm2llm_jobs import fanout
 from llm2llm_jobs.iteration import Iteration
 from llm2llm_jobs.models import resolve_model
+from llm2llm_jobs.teach import PROBE_MESSAGE
 from tests.integration.tiny import tiny_spec
 from tests.integration.openai_server import fastapi_server
 
@@ -73,8 +74,9 @@ def server(url: str, path: str, body: dict | None = None) -> dict:
 
 
 def asked(url: str, failures: list[dict]) -> dict[str, int]:
-    """How many chat requests the server got for each failure (its input is in the request's last message)."""
-    prompts = server(url, "/stats")["prompts"]
+    """How many chat requests the server got for each failure (its input is in the request's last message).
+    The reply-format probe each shard sends first is about no failure."""
+    prompts = [p for p in server(url, "/stats")["prompts"] if p != PROBE_MESSAGE]
     for p in prompts:
         assert sum(f["input"] in p for f in failures) == 1, f"a request for no single failure: {p[:200]!r}"
     return {f["id"]: sum(f["input"] in p for p in prompts) for f in failures}
