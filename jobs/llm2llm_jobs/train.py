@@ -98,6 +98,7 @@ class TrainResult(BaseModel):
     examples: int = Field(description="Training rows used (rows with no target token left are dropped).")
     global_batch_size: int = Field(description="micro_batch_size * workers * gradient accumulation steps.")
     worker_hosts: list[str] = Field(default_factory=list, description="Distinct hostnames the workers ran on.")
+    precision: str = Field("fp32", description="bf16 or fp32: training.precision as the workers resolved it.")
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -163,7 +164,8 @@ def planned_steps(training: TrainingSpec, rows: int) -> int:
     return max(1, math.ceil(training.epochs * rows / training.batch_size))
 
 
-def deepspeed_config(cfg: TrainConfig, world: int) -> dict[str, Any]:
+def deepspeed_config(cfg: TrainConfig, world: int, precision: str) -> dict[str, Any]:
+    """``precision``: "bf16" or "fp32", as resolved by the workers (training.precision may say auto)."""
     t, zero = cfg.training, cfg.deepspeed
     accumulation = max(1, t.batch_size // (t.micro_batch_size * world))
     zero_opt: dict[str, Any] = {"stage": zero.zero_stage}
@@ -176,7 +178,7 @@ def deepspeed_config(cfg: TrainConfig, world: int) -> dict[str, Any]:
         "gradient_accumulation_steps": accumulation,
         "train_batch_size": t.micro_batch_size * accumulation * world,
         "gradient_clipping": 1.0,
-        "bf16": {"enabled": t.precision == "bf16"},
+        "bf16": {"enabled": precision == "bf16"},
         "zero_optimization": zero_opt,
         # We pass torch's AdamW: DeepSpeed's CPU Adam is JIT-compiled on first use (~40 s+).
         "zero_force_ds_cpu_optimizer": False,
@@ -226,6 +228,29 @@ def _load_shm_op_safely() -> None:
         build_shm_op()
 
 
+def native_bf16() -> bool:
+    """Whether this process's training device computes bf16 natively (else torch emulates it, slowly)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())  # AVX512-BF16 or AMX
+
+
+def _agreed_precision(requested: str) -> str:
+    """training.precision for every rank alike: "auto" is bf16 only when all ranks compute it natively
+    (one DeepSpeed config for all; a rank emulating bf16 would hold the others back)."""
+    if requested != "auto":
+        return requested
+    import ray.train.torch
+    import torch
+    import torch.distributed as dist
+
+    flag = torch.tensor([int(native_bf16())], device=ray.train.torch.get_device())
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return "bf16" if int(flag.item()) else "fp32"
+
+
 def _train_worker(loop_config: dict[str, Any]) -> None:
     """One Ray Train worker: load the base model, train with DeepSpeed, rank 0 saves and reports."""
     # Before DeepSpeed and transformers are imported: they read DS_ACCELERATOR and the offline flags then.
@@ -252,7 +277,8 @@ def _train_worker(loop_config: dict[str, Any]) -> None:
     model_path = resolve_model(cfg.model)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    dtype = torch.bfloat16 if t.precision == "bf16" else torch.float32
+    precision = _agreed_precision(t.precision)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
     model.config.use_cache = False
     if t.gradient_checkpointing:
@@ -274,7 +300,7 @@ def _train_worker(loop_config: dict[str, Any]) -> None:
 
     examples = _load_examples(ray.get(loop_config["rows"]), tokenizer, t.max_length)
     total_steps = planned_steps(t, len(examples))
-    ds_config = deepspeed_config(cfg, world)
+    ds_config = deepspeed_config(cfg, world, precision)
     accumulation = ds_config["gradient_accumulation_steps"]
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=t.lr, weight_decay=0.0)
     engine, _, _, _ = deepspeed.initialize(
@@ -323,6 +349,7 @@ def _train_worker(loop_config: dict[str, Any]) -> None:
         "mfu": _mfu(n_params, tokens / train_seconds, world * cfg.gpus_per_worker) if cfg.gpus_per_worker else None,
         "examples": len(examples),
         "global_batch_size": ds_config["train_batch_size"],
+        "precision": precision,
         "rank_hosts": hosts,
     }
 

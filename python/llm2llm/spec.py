@@ -90,7 +90,11 @@ class TrainingSpec(_Model):
     max_length: int = Field(512, ge=16, le=131072)
     warmup_ratio: float = Field(0.03, ge=0, lt=1)
     seed: int = Field(1, ge=0)
-    precision: Literal["bf16", "fp32"] = "bf16"
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        "auto",
+        description="auto: bf16 when every training worker computes it natively (a CUDA GPU with bf16, or a CPU "
+        "with AVX512-BF16 or AMX), else fp32. A CPU without them emulates bf16 about 15x slower than fp32.",
+    )
     gradient_checkpointing: bool = False
 
 

@@ -12,7 +12,7 @@ import pytest
 
 from llm2llm.spec import DeepSpeedSpec, LoraSpec, StudentSpec, TrainingSpec
 from llm2llm_jobs.models import resolve_model
-from llm2llm_jobs.train import RESULT_FILE, TrainConfig, run_train, tokenize_example
+from llm2llm_jobs.train import RESULT_FILE, TrainConfig, native_bf16, run_train, tokenize_example
 
 pytestmark = pytest.mark.integration
 
@@ -73,6 +73,9 @@ def test_lora_zero2_two_workers(ray_local, tiny_model: str, rows: pa.Table, tmp_
     assert math.isfinite(result.loss) and math.isfinite(result.initial_loss)
     assert result.tokens > 0 and result.mfu is None and result.gpu_seconds == 0
     assert result.worker_hosts == [socket.gethostname()]
+    # precision auto: bf16 only where this machine computes it natively (a CPU without AVX512-BF16/AMX
+    # emulates it some 15x slower than fp32).
+    assert result.precision == ("bf16" if native_bf16() else "fp32")
     assert json.loads((out / RESULT_FILE).read_text()) == result.model_dump()
     # Same filesystem: the checkpoint was moved out of Ray's storage, not copied.
     assert not list((tmp_path / "ray-storage").rglob("adapter_model.safetensors"))
@@ -91,6 +94,7 @@ def test_full_zero3_memorises_and_saves_trained_weights(
     out = tmp_path / "out"
     result = run_train(TrainConfig.from_spec(student, str(out), str(tmp_path / "storage")), rows)
     assert result.steps == 60 and result.loss < result.initial_loss
+    assert result.precision == "bf16"  # asked for explicitly: kept, emulated or not
 
     # Measure with plain transformers from the saved folder: proves the gathered ZeRO-3 weights are the trained ones.
     import torch
