@@ -15,6 +15,7 @@ import shutil
 import time
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 import yaml
 
@@ -130,6 +131,17 @@ def test_demo_runs_in_pods_through_the_chart_and_kuberay(node):
         assert len(hosts) >= 2, done
         assert hosts <= worker_pods, (hosts, worker_pods)
         print(f"iteration {i}: training workers on {sorted(hosts)}")
+
+    # The vLLM teacher in the job image replies in JSON that the task's schema shapes: no reply has a label
+    # outside task.labels, and none is unparseable unless teacher.maxTokens cut it off.
+    run = next(d for d in yaml.safe_load_all(RUN_YAML.read_text()) if d and d["kind"] == "AugmentationRun")
+    max_tokens = run["spec"]["teacher"]["maxTokens"]
+    for i, it in enumerate(its):
+        if not it.get("generated"):
+            continue
+        assert it["teacherReplyFormat"] == "json" and it["rejected"].get("bad_format", 0) == 0, it
+        rejected = pq.read_table(shared / "runs" / "demo" / f"iter-{i}" / "filter" / "rejected.parquet").to_pylist()
+        assert all(r["completion_tokens"] == max_tokens for r in rejected if r["reason"] == "unparseable"), rejected
 
     header, row = [re.split(r"\s{2,}", line.strip()) for line in
                    node.kubectl("get", "augruns", "-n", ns).stdout.strip().splitlines()][:2]

@@ -223,8 +223,8 @@ def assert_parseable(spec: dict, result: dict, existing: list[str], shot: list[l
     assert all(r["prompt_hash"] == kept[0]["prompt_hash"] for r in kept)  # the hash the shard sent under
 
 
-# The in-process vLLM teacher's JSON replies are checked on whole runs (tests/integration/test_demo.py, on the demo,
-# tickets and wordmath); here, the OpenAI-compatible path that the loop tests do not take.
+# The in-process vLLM teacher's JSON replies are checked on whole runs (tests/integration/test_examples.py on
+# assistant and wordmath, tests/e2e/test_node.py on the demo); here, the OpenAI-compatible path they do not take.
 @pytest.mark.parametrize("example", ["demo", "tickets"])
 def test_openai_teacher_replies_parse_by_construction_on_a_vllm_server(
         example: str, vllm_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
