@@ -73,6 +73,8 @@ test-e2e: setup cluster-bin kubetools images
 test: models cluster-bin kubetools images   ## everything: unit, integration (real Ray/DeepSpeed/vLLM), e2e (real apiserver, real node)
 	$(PY) -m pytest
 
-lock:             ## re-resolve requirements/dev.lock (after changing a pyproject or dev.in)
+lock:             ## re-resolve requirements/dev.lock and mlflow-server.lock (after changing a pyproject or a .in)
 	cd requirements && $(VENV)/bin/uv pip compile dev.in --python-version 3.11 --python-platform x86_64-manylinux_2_28 \
 	  -o dev.lock --no-header -q --no-emit-package llm2llm --no-emit-package llm2llm-operator --no-emit-package llm2llm-jobs
+	cd requirements && $(VENV)/bin/uv pip compile mlflow-server.in --python-version 3.11 --python-platform x86_64-manylinux_2_28 \
+	  -o mlflow-server.lock --no-header -q

@@ -12,7 +12,6 @@ import json
 import os
 import socket
 import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -22,10 +21,14 @@ import pytest
 from llm2llm.spec import MlflowSpec, parse_spec
 from llm2llm.status import RunStatus
 from llm2llm.tracking import TAG_ITERATION, TAG_KIND, TAG_LOGGED, TAG_UID, MlflowTracker, flatten_params, iteration_metrics
+from tests.conftest import REPO
 from tests.unit.test_lineage import make_run
 
 pytestmark = pytest.mark.integration
-mlflow = pytest.importorskip("mlflow", reason="MLflow is not installed (requirements/dev.in has it)")
+mlflow = pytest.importorskip("mlflow", reason="the MLflow client is not installed (llm2llm[tracking])")
+
+# The server is a program of its own, in its own venv (scripts/setup.sh; requirements/mlflow-server.in).
+SERVER = Path(os.environ.get("LLM2LLM_MLFLOW_SERVER") or REPO / ".cache" / "mlflow-server" / "bin" / "mlflow")
 
 SECRET = "tok-Sup3rSecretValue"
 STARTUP_SECONDS = 180  # about 20 s on a busy 2-core machine: imports and the SQLite migrations
@@ -42,7 +45,9 @@ def server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("mlflow")
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
-    exe = Path(sys.executable).with_name("mlflow")
+    exe = SERVER
+    if not exe.is_file():
+        pytest.fail(f"{exe} is missing: scripts/setup.sh installs the MLflow server")
     # No job executor: it would start a runner and seven Huey consumers this test has no use for.
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_ENABLE_ASYNC_LOGGING": "false"}
     log = open(tmp / "server.log", "wb")
