@@ -1,7 +1,8 @@
 """The product on a real Kubernetes node, as a user runs it: the chart installs the operator as a pod,
 `kubectl apply -f examples/cluster/run.yaml`, KubeRay starts a head and two worker pods per iteration, the
 iteration trains with DeepSpeed across the worker pods, infers, teaches and commits, and the run ends
-Succeeded. Then `node.py down` must leave nothing behind.
+Succeeded. The head pod, where the driver runs, has no usable model cache: nothing the workers read may be
+made or resolved on the driver's side. Then `node.py down` must leave nothing behind.
 
 Needs root, the node's Debian packages (scripts/node-prereqs.sh), the binaries of tests/cluster/build.sh
 and the images of `make images`.
@@ -66,7 +67,23 @@ def test_a_pod_runs_and_reaches_services_by_name(node):
     node.kubectl("delete", "namespace", ns, "--wait=false")
 
 
-def test_demo_runs_in_pods_through_the_chart_and_kuberay(node):
+def _driver_without_models(tmp_path: Path) -> Path:
+    """examples/cluster/run.yaml with the head pod's model cache made unusable (a path under /dev/null cannot
+    be created). The head runs the driver, which must resolve no model and build nothing a worker reads: the
+    worker pods resolve models themselves and read only what the shared volume or Ray's object store holds
+    (the head's /tmp is its own, as every pod's is)."""
+    docs = [d for d in yaml.safe_load_all(RUN_YAML.read_text()) if d]
+    template = next(d for d in docs if d["kind"] == "ConfigMap")
+    cluster = yaml.safe_load(template["data"]["rayClusterSpec"])
+    head = cluster["headGroupSpec"]["template"]["spec"]["containers"][0]
+    head.setdefault("env", []).append({"name": "LLM2LLM_CACHE", "value": "/dev/null/llm2llm-cache"})
+    template["data"]["rayClusterSpec"] = yaml.safe_dump(cluster, sort_keys=False)
+    out = tmp_path / "run.yaml"
+    out.write_text(yaml.safe_dump_all(docs, sort_keys=False))
+    return out
+
+
+def test_demo_runs_in_pods_through_the_chart_and_kuberay(node, tmp_path):
     # The demo data on the node's shared volume (what `make cluster` puts there), and no earlier run's output.
     shared = node_mod.SHARED_DIR
     (shared / "examples" / "demo").mkdir(parents=True, exist_ok=True)
@@ -85,7 +102,7 @@ def test_demo_runs_in_pods_through_the_chart_and_kuberay(node):
     ns = "demo-pods"
     node.kubectl("create", "namespace", ns, check=False)
     started = time.monotonic()
-    node.kubectl("apply", "-n", ns, "-f", str(RUN_YAML))
+    node.kubectl("apply", "-n", ns, "-f", str(_driver_without_models(tmp_path)))
 
     worker_pods: set[str] = set()
 
