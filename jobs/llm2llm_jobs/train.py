@@ -42,6 +42,12 @@ _WORKER_ENV = (
     "TOKENIZERS_PARALLELISM",
 )
 
+# Ray Train's controller settings for this job (the driver's environment reaches the controller; a value the
+# user set wins). The preemption watcher is one more actor process per fit (7 s of a 80-85 s fit of the tiny
+# model on 2 cores) that turns a node drain into a worker-group restart; a fit here has no retries of its own
+# (a failed fit fails the iteration, which the operator or `llm2llm run` retries from its last finished stage).
+_CONTROLLER_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+
 # Dense bf16 peak FLOP/s per GPU, matched as a substring of torch.cuda.get_device_name(); for MFU only.
 PEAK_BF16_FLOPS = {
     "H200": 989e12,
@@ -402,6 +408,8 @@ def run_train(cfg: TrainConfig, rows: pa.Table) -> TrainResult:
 
     if not ray.is_initialized():
         ray.init()
+    for key, value in _CONTROLLER_ENV.items():
+        os.environ.setdefault(key, value)  # this process is the iteration's own driver
     gpu = cfg.gpus_per_worker > 0
     env = {k: os.environ[k] for k in _WORKER_ENV if k in os.environ}
     env["DS_ACCELERATOR"] = "cuda" if gpu else "cpu"
