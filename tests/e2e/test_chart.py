@@ -46,7 +46,7 @@ from llm2llm.spec import GROUP, PLURAL, VERSION
 from llm2llm.status import IterationStatus
 from llm2llm.storage import RunStorage
 from tests.e2e.conftest import KUBERAY_CRDS, Cluster
-from tests.unit.test_health_lua import argo_health
+from tests.argocd.health import argo_health
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "llm2llm-operator"
