@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from tests.argocd.health import RunHealthLog
 from tests.e2e.conftest import REPO, node_mod
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(3000)]
@@ -105,6 +106,7 @@ def test_demo_runs_in_pods_through_the_chart_and_kuberay(node, tmp_path):
     node.kubectl("apply", "-n", ns, "-f", str(_driver_without_models(tmp_path)))
 
     worker_pods: set[str] = set()
+    argocd = RunHealthLog()  # the run at each status seen, for Argo CD's health check
 
     def status():
         # Remember every Ray worker pod KubeRay started (clusters are deleted when their job ends).
@@ -112,7 +114,9 @@ def test_demo_runs_in_pods_through_the_chart_and_kuberay(node, tmp_path):
                              "jsonpath={.items[*].metadata.name}", check=False).stdout.split()
         worker_pods.update(names)
         out = node.kubectl("get", "augrun", "demo", "-n", ns, "-o", "json", check=False)
-        st = json.loads(out.stdout).get("status", {}) if out.returncode == 0 else {}
+        run_obj = json.loads(out.stdout) if out.returncode == 0 else {}
+        argocd.see(run_obj)
+        st = run_obj.get("status", {})
         return st if st.get("phase") in ("Succeeded", "Failed") else None
 
     def diagnostics() -> str:
@@ -127,6 +131,10 @@ def test_demo_runs_in_pods_through_the_chart_and_kuberay(node, tmp_path):
     elapsed = time.monotonic() - started
     assert st["phase"] == "Succeeded", f"{json.dumps(st, indent=1)[-3000:]}\n{diagnostics()}"
     print(f"\ndemo in pods: {len(st['iterations'])} iteration(s) in {elapsed:.0f}s")
+    # Argo CD's verdict (charts/llm2llm-operator/health.lua in Argo CD's Lua) on every status the run showed:
+    # Progressing while Pending or Running, Healthy once Succeeded, never Degraded.
+    argocd.check_succeeded_run()
+    print(f"Argo CD health: {len(argocd.objects)} statuses, phases {sorted(set(map(str, argocd.phases())))}")
 
     its = st["iterations"]
     assert len(its) >= 1 and all(it["job"] for it in its)
