@@ -281,10 +281,18 @@ def test_runtime_is_argocds(tmp_path):
     assert got["deleting"] == ("Progressing", "Pending deletion", None)
 
 
-def test_bad_input_is_named():
-    done = subprocess.run([str(binary()), str(HEALTH_LUA)], input=json.dumps([{"kind": "AugmentationRun"}, 7]),
-                          capture_output=True, text=True, timeout=30)
-    assert done.returncode == 2 and done.stderr.strip() == "healthcheck: stdin: item 1 is not a JSON object"
+def test_cli_reads_kubectl_output_and_names_bad_input():
+    def cli(doc: Any) -> subprocess.CompletedProcess:
+        return subprocess.run([str(binary()), str(HEALTH_LUA)], input=json.dumps(doc), capture_output=True,
+                              text=True, timeout=30)
+
+    # `kubectl get augruns -o json` prints a List, `kubectl get augrun NAME -o json` one object.
+    listed = cli({"kind": "AugmentationRunList", "items": [_obj(None), _obj(_ready(_succeeded()))]})
+    assert [v["status"] for v in json.loads(listed.stdout)] == ["Progressing", "Healthy"], listed.stderr
+    one = cli(_obj(_ready(_failed())))
+    assert [v["status"] for v in json.loads(one.stdout)] == ["Degraded"], one.stderr
+    bad = cli([{"kind": "AugmentationRun"}, 7])
+    assert bad.returncode == 2 and bad.stderr.strip() == "healthcheck: stdin: item 1 is not a JSON object"
 
 
 # --- the e2e helper, on the statuses the planner makes for a run that succeeds --------------------

@@ -2,10 +2,12 @@
 // key of argocd-cm) on Kubernetes objects the way Argo CD's application controller does, for tests.
 //
 //	healthcheck SCRIPT.lua [OBJECTS.json]   (objects default to stdin)
+//	kubectl get augruns -A -o json | healthcheck charts/llm2llm-operator/health.lua
 //
-// OBJECTS.json is a JSON array of resource objects as the API server returns them. It prints one JSON
-// array, one {"status", "message"} per object, in order, with "error" set when Argo CD would show the
-// script's failure (status Unknown, the error as message).
+// OBJECTS.json is a JSON array of resource objects as the API server returns them, or what `kubectl get
+// -o json` prints (a List, or one object). It prints one JSON array, one {"status", "message"} per object,
+// in order, with "error" set when Argo CD would show the script's failure (status Unknown, the error as
+// message).
 //
 // What matches Argo CD (util/lua and gitops-engine's health package, checked against v3 with gopher-lua
 // v1.1.2, the version it pins):
@@ -94,9 +96,22 @@ func run(args []string, stdin io.Reader, stdout io.Writer) error {
 func readObjects(in io.Reader, source string) ([]map[string]any, error) {
 	dec := json.NewDecoder(in)
 	dec.UseNumber()
+	var doc any
+	if err := dec.Decode(&doc); err != nil {
+		return nil, fmt.Errorf("%s: not JSON: %w", source, err)
+	}
 	var raw []any
-	if err := dec.Decode(&raw); err != nil {
-		return nil, fmt.Errorf("%s: not a JSON array of objects: %w", source, err)
+	switch d := doc.(type) {
+	case []any:
+		raw = d
+	case map[string]any: // what `kubectl get -o json` prints: a List, or one object
+		if items, ok := d["items"].([]any); ok {
+			raw = items
+		} else {
+			raw = []any{d}
+		}
+	default:
+		return nil, fmt.Errorf("%s: not a JSON array of objects, a List or an object", source)
 	}
 	objects := make([]map[string]any, len(raw))
 	for i, item := range raw {
