@@ -1,7 +1,9 @@
 -- Argo CD health check for AugmentationRun (llm2llm.io/v1alpha1).
 -- Install: the argocd-cm key `resource.customizations.health.llm2llm.io_AugmentationRun` (see
 -- examples/gitops/argocd/argocd-cm-health.yaml, a copy kept identical by tests/unit/test_health_lua.py).
--- Lua 5.1 (Argo CD runs gopher-lua); reads only what RunStatus.wire() writes (python/llm2llm/status.py).
+-- Lua 5.1 as Argo CD runs it: gopher-lua with only the base, table and os.time/os.date libraries (no string,
+-- math or string methods); tests/argocd runs it so. Reads only what RunStatus.wire() writes
+-- (python/llm2llm/status.py).
 --
 --   no status yet, or a spec generation not yet observed  -> Progressing
 --   Ready=False reason InvalidSpec                          -> Degraded  (only a spec edit can fix it)
