@@ -102,38 +102,40 @@ class Iteration:
         )
         stage = self.store.stage_dir(self.i, "train")
         # No marker yet, so anything here is an earlier attempt's: Ray Train folders, a half-moved or half-put model.
-        try:
-            if self.store.exists(stage):
-                self.store.fs.rm(stage, recursive=True)
-        except OSError as err:
-            raise StorageError(f"cannot remove {stage}: {err}") from err
+        self.store.remove(stage)
         # Ray Train's records and checkpoint go to the run's storage, which the driver and every worker reach
         # (not the driver's scratch); a folder per attempt keeps a dying attempt's workers apart from this one.
         ray_parts = (f"iter-{self.i}", "train", f"_ray-a{self.attempt}")
-        remote = self._path("train", "model")
-        # Assembled next to its final place and renamed there (local), or put from the driver's scratch (remote).
+        # Local: assembled next to its final place and renamed there (atomic). Object store (no rename): put from
+        # the driver's scratch into a prefix of this attempt's own, so an earlier attempt's late or torn uploads
+        # never mix into it; the marker names it (model_dir) and readers take it from there (trained_model).
+        model_dir = "model" if self.store.is_local else f"model-a{self.attempt}"
+        remote = self._path("train", model_dir)
         out = f"{stage}/.model-a{self.attempt}" if self.store.is_local else str(self.scratch / "train-model")
         result = run_train(TrainConfig.from_spec(self.spec.student, out, self.store.uri(*ray_parts)), pairs)
-        try:
-            if self.store.is_local:
+        if self.store.is_local:
+            try:
                 os.rename(out, remote)  # atomic: a half-copied model can never sit behind a marker
                 fsync_dir(stage)
-            else:
-                self.store.fs.put(out, remote, recursive=True)
-        except OSError as err:
-            raise StorageError(f"cannot write {remote}: {err}") from err
-        # Before the marker: once the stage is committed, no later attempt would remove it.
+            except OSError as err:
+                raise StorageError(f"cannot write {remote}: {err}") from err
+        else:
+            self.store.put_folder(out, remote)  # every file at its key, then checked against the scratch copy
+        # Before the marker: once the stage is committed, no later attempt would remove these.
         try:
-            if self.store.exists(self.store.path(*ray_parts)):
-                self.store.fs.rm(self.store.path(*ray_parts), recursive=True)
-        except OSError as err:  # only space is at stake; the model is in place
+            self.store.remove(self.store.path(*ray_parts))
+        except StorageError as err:  # only space is at stake; the model is in place
             log.warning("could not remove Ray Train's folder %s: %s", self.store.path(*ray_parts), err)
-        return {"rows": rows.num_rows, "model": self.store.uri("iter-" + str(self.i), "train", "model"), **_dump(result)}
+        for name in self.store.list(stage):  # an earlier attempt's upload that landed after the removal above
+            if name.startswith("model-a") and name != model_dir:
+                self.store.remove(f"{stage}/{name}")
+        return {"rows": rows.num_rows, "model": self.store.uri(f"iter-{self.i}", "train", model_dir),
+                "model_dir": model_dir, **_dump(result)}
 
     def infer(self) -> dict[str, Any]:
         # The model's name and the adapter's storage location travel, not this machine's paths: each task
         # resolves the model and fetches the adapter on its own node.
-        adapter = self.store.uri(f"iter-{self.i}", "train", "model")
+        adapter = self.store.trained_model(self.i)
         rows = [("seed", r) for r in self.store.read_table(self.store.path("data", "seed.parquet"), DATASET).to_pylist()]
         if self.spec.data.test:
             test = self.store.read_table(self.store.path("data", "test.parquet"), DATASET)

@@ -5,14 +5,22 @@ Layout of one run::
     <output>/<run>/run.json                  the spec the run was started with
     <output>/<run>/data/{seed,test}.parquet  the inputs, normalised (DATASET schema)
     <output>/<run>/iter-<i>/<stage>/...      each stage's files
+    <output>/<run>/iter-<i>/train/model/     the trained model (local); model-a<attempt>/ on object stores:
+                                             the train marker's ``model_dir`` names it (``trained_model``)
     <output>/<run>/iter-<i>/<stage>/_DONE.json   the stage's commit marker (written last)
     <output>/<run>/iter-<i>/_ITERATION.json  the iteration's figures: its commit marker
     <output>/<run>/status.json               the local runner's copy of the status
 
 A reader trusts a stage only if its marker exists, and a marker is only written after every file of
 the stage is complete. Every file is written to a temporary name and renamed into place (local), or
-put in one request (object stores, where a PUT is atomic), so a crash never leaves a torn file behind
-a marker.
+put in one request (object stores, where a PUT is atomic, and so is a multipart upload: the object only
+appears at its completion), so a crash never leaves a torn file behind a marker. A folder cannot be
+renamed on an object store: one is uploaded key by key into a prefix of its own, checked against its
+source, and only then named by a marker (``put_folder``).
+
+On object stores every read asks the store: s3fs keeps directory listings in a per-process cache that
+another process's writes (a job's markers, seen by the runner) or this one's libraries (Ray Train lists
+through the same filesystem object) would make stale.
 """
 
 from __future__ import annotations
@@ -94,6 +102,11 @@ class RunStorage:
     def stage_dir(self, i: int, stage: str) -> str:
         return self.path(f"iter-{i}", stage)
 
+    def _fresh(self, path: str) -> None:
+        """Drop what s3fs's listing cache holds for ``path`` and its parents, so the next call asks the store."""
+        if not self.is_local:
+            self.fs.invalidate_cache(path)
+
     # --- atomic writes -------------------------------------------------------------------------
     def write_bytes(self, path: str, data: bytes) -> None:
         try:
@@ -121,6 +134,7 @@ class RunStorage:
         self.write_bytes(path, json.dumps(obj, indent=2, sort_keys=True).encode())
 
     def read_json(self, path: str) -> Any | None:
+        self._fresh(path)
         try:
             with self.fs.open(path, "rb") as f:
                 return json.loads(f.read())
@@ -137,6 +151,7 @@ class RunStorage:
         self.write_bytes(path, buf.getvalue())
 
     def read_table(self, path: str, schema: pa.Schema | None = None) -> pa.Table:
+        self._fresh(path)
         try:
             with self.fs.open(path, "rb") as f:
                 t = pq.read_table(f)
@@ -147,7 +162,56 @@ class RunStorage:
         return t.cast(schema) if schema is not None else t
 
     def exists(self, path: str) -> bool:
+        self._fresh(path)
         return self.fs.exists(path)
+
+    def list(self, path: str) -> list[str]:
+        """The names directly in the folder ``path`` (empty when there is none)."""
+        self._fresh(path)
+        try:
+            return sorted(posixpath.basename(p.rstrip("/")) for p in self.fs.ls(path, detail=False))
+        except FileNotFoundError:
+            return []
+        except OSError as err:
+            raise StorageError(f"cannot list {path}: {err}") from err
+
+    def remove(self, path: str) -> None:
+        """Remove a file or a whole folder, if there."""
+        try:
+            if self.exists(path):
+                self.fs.rm(path, recursive=True)
+        except FileNotFoundError:
+            pass
+        except OSError as err:
+            raise StorageError(f"cannot remove {path}: {err}") from err
+        finally:
+            self._fresh(path)
+
+    def put_folder(self, local: str, dest: str) -> list[str]:
+        """Upload the local folder ``local`` as the folder ``dest``, which must not exist yet (give each attempt
+        a name of its own): every file to its own key, one PUT (or one multipart upload) each, so the files land
+        exactly at ``dest/<relative path>`` whatever is already there (fsspec's folder put would nest the folder
+        under an existing ``dest``). Then ``dest`` is listed and must hold exactly those files at their sizes.
+        Returns the relative paths. Not atomic as a whole: a marker written afterwards is the commit."""
+        files = {os.path.relpath(os.path.join(d, f), local).replace(os.sep, "/"): os.path.getsize(os.path.join(d, f))
+                 for d, _, names in os.walk(local) for f in names}
+        if not files:
+            raise StorageError(f"cannot upload {local} to {dest}: no files in it")
+        names = sorted(files)
+        try:
+            self.fs.put([os.path.join(local, n) for n in names], [posixpath.join(dest, n) for n in names])
+            self._fresh(dest)
+            found = {posixpath.relpath(p, dest): info["size"] for p, info in self.fs.find(dest, detail=True).items()}
+        except OSError as err:
+            raise StorageError(f"cannot upload {local} to {dest}: {err}") from err
+        finally:
+            self._fresh(dest)
+        if found != files:
+            extra, missing = sorted(set(found) - set(files)), sorted(set(files) - set(found))
+            wrong = sorted(n for n in set(found) & set(files) if found[n] != files[n])
+            raise StorageError(f"uploaded {dest} does not match {local}: extra {extra}, missing {missing}, "
+                               f"wrong size {wrong}")
+        return names
 
     # --- markers -------------------------------------------------------------------------------
     def mark_done(self, i: int, stage: str, info: dict[str, Any]) -> None:
@@ -157,6 +221,13 @@ class RunStorage:
     def stage_done(self, i: int, stage: str) -> dict[str, Any] | None:
         """The stage's marker, or None when the stage has not committed."""
         return self.read_json(posixpath.join(self.stage_dir(i, stage), MARKER))
+
+    def trained_model(self, i: int) -> str | None:
+        """The URI of iteration ``i``'s committed model folder (the train marker's ``model_dir``), or None."""
+        done = self.stage_done(i, "train")
+        if done is None:
+            return None
+        return self.uri(f"iter-{i}", "train", done.get("model_dir", "model"))
 
     def write_iteration(self, it: IterationStatus) -> None:
         _pause_before_marker("iteration")
@@ -182,5 +253,4 @@ class RunStorage:
         return out
 
     def delete_all(self) -> None:
-        if self.fs.exists(self.root):
-            self.fs.rm(self.root, recursive=True)
+        self.remove(self.root)

@@ -149,9 +149,9 @@ def test_train_and_infer_hand_workers_names_and_storage_locations(output, tmp_pa
     monkeypatch.setattr(models_mod, "resolve_model", _driver_must_not_resolve)
     monkeypatch.setattr(iteration_mod.fanout, "run_tasks", fakes.run_tasks)
 
-    # Leftovers of killed attempts 1 and 2: Ray Train folders and a half-written model.
+    # Leftovers of killed attempts 1 and 2: Ray Train folders and half-written models.
     train_dir = store.stage_dir(0, "train")
-    for leftover in ("_ray-a1/train-y/state.json", "_ray-a2/x", "model/half.bin"):
+    for leftover in ("_ray-a1/train-y/state.json", "_ray-a2/x", "model/half.bin", "model-a2/half.bin"):
         _plant(store.fs, f"{train_dir}/{leftover}")
     if store.is_local:
         Path(train_dir, ".model-a2").mkdir()
@@ -166,16 +166,20 @@ def test_train_and_infer_hand_workers_names_and_storage_locations(output, tmp_pa
         assert cfg.storage_path == f"{train_dir}/_ray-a3" and cfg.output_dir == f"{train_dir}/.model-a3"
     else:
         assert cfg.storage_path.startswith("memory://") and Path(cfg.output_dir).is_relative_to(scratch)
-    # The train stage's folder holds the model and the marker, nothing of Ray Train or of earlier attempts.
+    # The train stage's folder holds the model and the marker, nothing of Ray Train or of earlier attempts. On an
+    # object store (no rename) the model has a folder of this attempt's own, which the marker names.
+    model_dir = "model" if store.is_local else "model-a3"
     names = sorted(posixpath.basename(p.rstrip('/')) for p in store.fs.ls(train_dir, detail=False))
-    assert names == ["_DONE.json", "model"], names
-    model = sorted(posixpath.basename(p.rstrip('/')) for p in store.fs.ls(f"{train_dir}/model", detail=False))
+    assert names == ["_DONE.json", model_dir], names
+    model = sorted(posixpath.basename(p.rstrip('/')) for p in store.fs.ls(f"{train_dir}/{model_dir}", detail=False))
     assert model == ["adapter_config.json", train_mod.RESULT_FILE]
     assert store.stage_done(0, "train")["worker_hosts"] == ["pod-a", "pod-b"]
+    assert store.stage_done(0, "train")["model_dir"] == model_dir
+    assert store.trained_model(0) == store.uri("iter-0", "train", model_dir)
 
     assert len(fakes.infer_calls) == 2
     for call, files in zip(fakes.infer_calls, fakes.adapter_files):
         assert call["model"] == "tiny-llama"
-        assert call["adapter"] == store.uri("iter-0", "train", "model")
+        assert call["adapter"] == store.uri("iter-0", "train", model_dir)
         assert files == ["adapter_config.json", train_mod.RESULT_FILE]
     assert scratch.is_file() == store.is_local
