@@ -110,7 +110,7 @@ def run_demo(out_dir: Path) -> tuple[dict, dict, Path, float]:
     import yaml
 
     from llm2llm.cli import _check_data
-    from llm2llm.launch import JobsApiLauncher
+    from llm2llm.jobsapi import JobsApiLauncher
     from llm2llm.localray import LocalRayHead
     from llm2llm.runner import LocalRunner, format_table, local_cpus
     from llm2llm.spec import load_run

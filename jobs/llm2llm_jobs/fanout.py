@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 import fsspec
 
+from llm2llm.launch import API_KEY_ENDPOINTS_ENV
 from llm2llm.spec import AugmentationRunSpec
 from llm2llm.tasks import Task
 
@@ -124,8 +125,9 @@ def teach_shard(spec: dict, model_path: str | None, failures: list[dict], existi
 
     run = AugmentationRunSpec.model_validate(spec)
     t, task = run.teacher, Task(run.task, tuple((q, a) for q, a in examples or ()))
+    # The key goes only where its owner pinned it (set beside the key, never by the run): see llm2llm.endpoints.
     api_key = os.environ.get(api_key_env) or None
-    teacher = make_teacher(t, model_path, api_key)
+    teacher = make_teacher(t, model_path, api_key, key_pins=os.environ.get(API_KEY_ENDPOINTS_ENV))
     judge = flt.CandidateFilter(task, run.filters, t.samples_per_failure, existing=existing, held_out=held_out)
     need = {f["id"]: t.samples_per_failure for f in failures}
     rows: list[dict] = []

@@ -532,6 +532,10 @@ class CandidateFilter:
     samples_per_failure: int
     existing: list[str]  # inputs of every training row so far
     held_out: list[str] = field(default_factory=list)
+    # Ids of every training row so far. A row id is the hash of (input, output), and a training set holds each
+    # id once: a candidate identical to a row already there, or to one kept before, is refused whatever dedup says.
+    existing_ids: list[str] = field(default_factory=list)
+    _ids: set[str] = field(default_factory=set)
     _tok: _Tokens = field(default_factory=_Tokens)
     _seen: set[str] = field(default_factory=set)
     _known: list[str] = field(default_factory=list)
@@ -543,6 +547,7 @@ class CandidateFilter:
     def __post_init__(self) -> None:
         for text in self.existing:
             self._remember(text)
+        self._ids = set(self.existing_ids)
         self._test_norm = {_norm(t) for t in self.held_out}
         self._test_enc = [self._tok.encode(t) for t in self.held_out]
 
@@ -592,12 +597,16 @@ class CandidateFilter:
                 return "contaminated"
         if self.spec.dedup != "none" and norm in self._seen:
             return "duplicate"
+        rid = row_id(question, answer)
+        if rid in self._ids:
+            return "duplicate_row"
         if self.spec.dedup == "near" and self._near(self._tok.encode(question), self._known):
             return "near_duplicate"
         if self.kept_per_parent.get(parent_id, 0) >= self.samples_per_failure:
             return "over_sampled"
         self.kept_per_parent[parent_id] = self.kept_per_parent.get(parent_id, 0) + 1
         self._remember(question)
+        self._ids.add(rid)
         return None
 
 

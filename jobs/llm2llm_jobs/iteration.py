@@ -187,7 +187,8 @@ class Iteration:
                   existing=existing, held_out=held_out, iteration=self.i, shard=k, token_budget=share,
                   api_key_env=API_KEY_ENV, examples=[list(e) for e in self._demonstration()],
                   reply_format=self._known_reply_format()) for k in todo],
-            gpus=t.tensor_parallel if self._gpus() else 0, on_result=commit,
+            # An OpenAI-compatible teacher runs elsewhere: its shards hold no GPU here.
+            gpus=t.tensor_parallel if self._gpus() and t.kind != "openai" else 0, on_result=commit,
         )
         rows, totals = [], {"prompt_tokens": 0, "completion_tokens": 0, "stopped": None, "reply_format": None}
         for k in range(len(groups)):
@@ -205,7 +206,8 @@ class Iteration:
     def filter(self, train_rows: pa.Table) -> dict[str, Any]:
         gen = self.store.read_table(self._path("teach", "generated.parquet"), GENERATED)
         cf = flt.CandidateFilter(self.task, self.spec.filters, self.spec.teacher.samples_per_failure,
-                                 existing=train_rows.column("input").to_pylist(), held_out=self._held_out_inputs())
+                                 existing=train_rows.column("input").to_pylist(), held_out=self._held_out_inputs(),
+                                 existing_ids=train_rows.column("id").to_pylist())
         cap = sel.round_cap(self.spec.loop, self.i)
         if cap is not None:  # loop.rowsPerRound: keep the rows of the first-selected seed examples
             scored = self.store.read_table(self._path("score", "scored.parquet"), SCORED)
@@ -266,9 +268,8 @@ class Iteration:
         previous = self.store.iterations()
         if len(previous) != self.i:
             raise RuntimeError(f"iteration {self.i} cannot start: {len(previous)} iteration(s) committed")
-        if self.i == 0 and not self.store.exists(self.store.path("run.json")):
-            self.store.write_json(self.store.path("run.json"), {"name": self.name, "uid": self.uid,
-                                                                "spec": spec_to_wire(self.spec)})
+        if self.i == 0 and self.store.run_record() is None:
+            self.store.write_run_record(self.name, self.uid, spec_to_wire(self.spec))
         started = now()
         prep = self._stage("prepare", self.prepare)
         train = self._stage("train", self.train)
@@ -339,12 +340,15 @@ def main(argv: list[str] | None = None) -> int:
 
         # Inside a Ray job: join the cluster so training and the engines run on its workers.
         ray.init(log_to_driver=True)
-    # A killed attempt cannot clean up after itself: the next attempt of the same run and iteration removes
-    # what earlier ones left (the planner never runs two at once; the uid keeps other runs' folders apart).
+    # A killed attempt cannot clean up after itself: a later attempt of the same run and iteration removes what
+    # earlier ones left. Only earlier ones: the planner starts an attempt only once the one before is gone, and
+    # an attempt never touches a later one's scratch (the uid keeps other runs' folders apart).
     prefix = f"llm2llm-{name}-{uid[:8]}-i{args.iteration}-"
-    for stale in Path(tempfile.gettempdir()).glob(f"{prefix}*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    scratch = Path(tempfile.mkdtemp(prefix=prefix))
+    for stale in Path(tempfile.gettempdir()).glob(f"{prefix}a*-*"):
+        attempt = stale.name[len(prefix) + 1:].split("-", 1)[0]
+        if attempt.isdigit() and int(attempt) < args.attempt:
+            shutil.rmtree(stale, ignore_errors=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f"{prefix}a{args.attempt}-"))
     try:
         it = Iteration(name, uid, spec, args.iteration, args.attempt, scratch).run()
     finally:

@@ -16,6 +16,7 @@ import logging
 from dataclasses import dataclass
 from typing import Protocol
 
+from llm2llm import endpoints
 from llm2llm.spec import TeacherSpec
 
 from .infer import default_dtype, free_memory, has_cuda, load_hf, release_vllm
@@ -164,9 +165,15 @@ class OpenAITeacher:
     One request per sample (n=1, seed+i): exact usage per sample, and servers without ``n`` support work.
     """
 
-    def __init__(self, endpoint: str, model: str, api_key: str | None, *, max_concurrency: int = 8,
-                 timeout_s: float = 120.0, max_retries: int = 5):
+    def __init__(self, endpoint: str, model: str, api_key: str | None, *, key_pins: str | None = None,
+                 max_concurrency: int = 8, timeout_s: float = 120.0, max_retries: int = 5):
         self.endpoint, self.model = endpoint, model
+        why = endpoints.check(endpoint, key_pins) if api_key else None
+        if why is not None:
+            # Every request (the probe too) goes through _client(): a refused key is never sent, and the
+            # requests go without one (an endpoint that needs it answers 401: TeacherAuthError, not retried).
+            log.warning("teacher API key not sent to %s: %s", endpoint, why)
+            api_key = None
         self._api_key = api_key  # from the caller only (a Secret-backed env var); never logged
         self.max_concurrency, self.timeout_s, self.max_retries = max_concurrency, timeout_s, max_retries
         self._formats: dict[str, str] = {}
@@ -261,14 +268,15 @@ def _response_format(schema: dict) -> dict:
     return {"type": "json_schema", "json_schema": {"name": "teacher_reply", "schema": schema, "strict": True}}
 
 
-def make_teacher(spec: TeacherSpec, model_path: str | None, api_key: str | None) -> Teacher:
+def make_teacher(spec: TeacherSpec, model_path: str | None, api_key: str | None, *,
+                 key_pins: str | None = None) -> Teacher:
     """The teacher ``spec`` asks for. ``model_path`` is the local folder for vllm/hf (resolved from
-    ``spec.model`` when None); ``api_key`` is for openai only."""
+    ``spec.model`` when None); ``api_key`` is for openai only, sent only to an endpoint ``key_pins`` allows."""
     if spec.kind == "openai":
         if not spec.endpoint:
             raise ValueError("teacher.endpoint is required when teacher.kind is openai")
-        return OpenAITeacher(spec.endpoint, spec.model, api_key, max_concurrency=spec.max_concurrency,
-                             timeout_s=spec.request_timeout_seconds)
+        return OpenAITeacher(spec.endpoint, spec.model, api_key, key_pins=key_pins,
+                             max_concurrency=spec.max_concurrency, timeout_s=spec.request_timeout_seconds)
     if model_path is None:
         from .models import resolve_model
 

@@ -12,7 +12,7 @@ from typing import Callable
 import kopf
 from kubernetes import client, config
 
-from llm2llm.launch import JobsApiLauncher
+from llm2llm.jobsapi import JobsApiLauncher
 
 from . import handlers, metrics
 from .reconcile import Context

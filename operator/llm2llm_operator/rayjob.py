@@ -10,24 +10,25 @@ stage in storage. A suspended RayJob would sit there needing a resume the planne
 from __future__ import annotations
 
 import copy
+import json
 from typing import Any
 
+import urllib3
 import yaml
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from llm2llm.launch import API_KEY_ENV
+from llm2llm.control import LABEL_ATTEMPT, LABEL_ITERATION, LABEL_RUN, LABEL_RUN_UID, Invalid, JobRequest, Transient
+from llm2llm.launch import API_KEY_ENDPOINTS_ENV, API_KEY_ENV
 from llm2llm.planner import JobObservation
 from llm2llm.spec import API_VERSION, KIND, AugmentationRunSpec
 
 GROUP, VERSION, PLURAL = "ray.io", "v1", "rayjobs"
 TEMPLATE_KEY = "rayClusterSpec"  # the key of the clusterTemplate ConfigMap
-
-# Labels on every job the operator creates; run-uid selects a run's jobs (names can be reused).
-LABEL_RUN = "llm2llm.io/run"
-LABEL_RUN_UID = "llm2llm.io/run-uid"
-LABEL_ITERATION = "llm2llm.io/iteration"
-LABEL_ATTEMPT = "llm2llm.io/attempt"
+# Errors of the API server or the network: worth a retry.
+_K8S_ERRORS = (ApiException, urllib3.exceptions.HTTPError, OSError)
+__all__ = ["LABEL_ATTEMPT", "LABEL_ITERATION", "LABEL_RUN", "LABEL_RUN_UID", "RayJobLauncher", "observe_rayjob",
+           "parse_cluster_template", "rayjob_manifest"]
 
 
 class TemplateError(ValueError):
@@ -57,7 +58,7 @@ def _groups(cluster: dict[str, Any]) -> list[dict[str, Any]]:
     return [cluster["headGroupSpec"], *(cluster.get("workerGroupSpecs") or [])]
 
 
-def _cluster_spec(template: dict[str, Any], spec: AugmentationRunSpec) -> dict[str, Any]:
+def _cluster_spec(template: dict[str, Any], spec: AugmentationRunSpec, key_pins: str | None) -> dict[str, Any]:
     cluster = copy.deepcopy(template)
     ref = spec.teacher.api_key_secret_ref
     for group in _groups(cluster):
@@ -65,10 +66,13 @@ def _cluster_spec(template: dict[str, Any], spec: AugmentationRunSpec) -> dict[s
         ray = group["template"]["spec"]["containers"][0]
         if spec.ray.image:
             ray["image"] = spec.ray.image
-        if ref is not None:
+        # The key and where it may go come from the checked Secret only, never from the template's author.
+        env = [e for e in ray.get("env") or [] if e.get("name") not in (API_KEY_ENV, API_KEY_ENDPOINTS_ENV)]
+        if ref is not None and key_pins:
             # Only a reference travels: the kubelet resolves the value inside the pod.
-            env = [e for e in ray.get("env") or [] if e.get("name") != API_KEY_ENV]
             env.append({"name": API_KEY_ENV, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}})
+            env.append({"name": API_KEY_ENDPOINTS_ENV, "value": key_pins})
+        if env or "env" in ray:
             ray["env"] = env
     return cluster
 
@@ -83,9 +87,12 @@ def rayjob_manifest(
     entrypoint: str,
     env: dict[str, str],
     cluster_template: dict[str, Any] | None = None,
+    labels: dict[str, str] | None = None,
+    key_pins: str | None = None,
 ) -> dict[str, Any]:
     """The RayJob for one attempt. ``run`` is the AugmentationRun (its metadata is used); ``spec`` its
-    parsed spec; ``cluster_template`` the parsed clusterTemplate when the spec names one."""
+    parsed spec; ``cluster_template`` the parsed clusterTemplate when the spec names one; ``key_pins`` the
+    endpoints the teacher key's Secret allows (``control.job_request`` makes the rest)."""
     meta = run["metadata"]
     job: dict[str, Any] = {
         "entrypoint": entrypoint,
@@ -97,7 +104,7 @@ def rayjob_manifest(
     if spec.ray.cluster_selector:
         job["clusterSelector"] = dict(spec.ray.cluster_selector)
     elif cluster_template is not None:
-        job["rayClusterSpec"] = _cluster_spec(cluster_template, spec)
+        job["rayClusterSpec"] = _cluster_spec(cluster_template, spec, key_pins)
         job["shutdownAfterJobFinishes"] = True  # a cluster per job: give the GPUs back when it ends
     else:
         raise ValueError("the rayjob launcher needs spec.ray.clusterSelector or spec.ray.clusterTemplate")
@@ -107,7 +114,7 @@ def rayjob_manifest(
         "metadata": {
             "name": name,
             "namespace": meta["namespace"],
-            "labels": {
+            "labels": labels or {
                 LABEL_RUN: meta["name"],
                 LABEL_RUN_UID: meta["uid"],
                 LABEL_ITERATION: str(iteration),
@@ -136,6 +143,9 @@ def observe_rayjob(obj: dict[str, Any] | None, iteration: int, attempt: int) -> 
     """A RayJob's status as the planner sees it; None when the RayJob is gone."""
     if obj is None:
         return None
+    if (obj.get("metadata") or {}).get("deletionTimestamp"):
+        # Being deleted (foreground: its RayCluster and pods go first). Not finished until it is gone.
+        return JobObservation(iteration=iteration, attempt=attempt, phase="Running", message="being deleted")
     st = obj.get("status") or {}
     deployment = st.get("jobDeploymentStatus") or ""
     job_status = st.get("jobStatus") or ""
@@ -155,23 +165,41 @@ def observe_rayjob(obj: dict[str, Any] | None, iteration: int, attempt: int) -> 
 
 
 class RayJobLauncher:
-    """RayJobs in one namespace. Names are the planner's deterministic job names, so a create after a
-    crash meets 409 AlreadyExists instead of making a second job."""
+    """RayJobs in one namespace: the control core's launcher for the rayjob launcher. Names are the planner's
+    deterministic job names, so a create after a crash meets 409 AlreadyExists instead of making a second
+    job. ``owner``, ``spec``, ``template`` and ``key_pins`` describe the run whose jobs are submitted (not
+    needed to observe, stop or clean up)."""
 
-    def __init__(self, api: client.CustomObjectsApi, namespace: str):
+    kind = "rayjob"
+
+    def __init__(self, api: client.CustomObjectsApi, namespace: str, *, owner: dict[str, Any] | None = None,
+                 spec: AugmentationRunSpec | None = None, template: dict[str, Any] | None = None,
+                 key_pins: str | None = None):
         self.api = api
         self.namespace = namespace
+        self.owner, self.spec, self.template, self.key_pins = owner, spec, template, key_pins
 
-    def submit(self, manifest: dict[str, Any]) -> bool:
+    def submit(self, job: JobRequest) -> bool:
         """Returns False when the RayJob already existed. Strict: a template field KubeRay's schema does
         not know is an error to report, not something to drop silently."""
+        assert self.owner is not None and self.spec is not None, "a launcher for submitting is bound to its run"
+        manifest = rayjob_manifest(run={"metadata": self.owner}, spec=self.spec, name=job.name,
+                                   iteration=job.iteration, attempt=job.attempt, entrypoint=job.entrypoint,
+                                   env=job.env, cluster_template=self.template, labels=job.labels,
+                                   key_pins=self.key_pins)
         try:
             self.api.create_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, manifest,
                                                      field_validation="Strict")
         except ApiException as err:
             if err.status == 409:
                 return False
-            raise
+            if err.status in (400, 403, 422):
+                # The API server refused the job itself (e.g. a template KubeRay's schema rejects).
+                raise Invalid("JobRejected", f"creating {job.name} failed: {err.status} {_api_message(err)}",
+                              "Pending") from None
+            raise Transient(f"cannot create job {job.name}: {err.status} {err.reason}") from err
+        except _K8S_ERRORS as err:
+            raise Transient(f"cannot create job {job.name}: {err}") from err
         return True
 
     def get(self, name: str) -> dict[str, Any] | None:
@@ -180,18 +208,24 @@ class RayJobLauncher:
         except ApiException as err:
             if err.status == 404:
                 return None
-            raise
+            raise Transient(f"cannot read RayJob {self.namespace}/{name}: {err.status} {err.reason}") from err
+        except _K8S_ERRORS as err:
+            raise Transient(f"cannot read RayJob {self.namespace}/{name}: {err}") from err
 
     def observe(self, name: str, iteration: int, attempt: int) -> JobObservation | None:
         return observe_rayjob(self.get(name), iteration, attempt)
 
     def stop(self, name: str) -> None:
+        """Delete the RayJob in the foreground: it stays (and is observed) until the RayCluster and pods it owns
+        are gone, so the planner's next attempt never runs beside them."""
         try:
             self.api.delete_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, name,
-                                                     propagation_policy="Background")
+                                                     propagation_policy="Foreground")
         except ApiException as err:
             if err.status != 404:
-                raise
+                raise Transient(f"cannot delete RayJob {self.namespace}/{name}: {err.status} {err.reason}") from err
+        except _K8S_ERRORS as err:
+            raise Transient(f"cannot delete RayJob {self.namespace}/{name}: {err}") from err
 
     def delete_all(self, run_uid: str) -> list[str]:
         """Delete every RayJob of a run (whatever status says); returns their names."""
@@ -201,8 +235,17 @@ class RayJobLauncher:
         except ApiException as err:
             if err.status == 404:  # KubeRay's CRD is not installed: there can be no RayJobs
                 return []
-            raise
+            raise Transient(f"cannot list RayJobs in {self.namespace}: {err.status} {err.reason}") from err
+        except _K8S_ERRORS as err:
+            raise Transient(f"cannot list RayJobs in {self.namespace}: {err}") from err
         names = [item["metadata"]["name"] for item in items]
         for name in names:
             self.stop(name)
         return names
+
+
+def _api_message(err: ApiException) -> str:
+    try:
+        return json.loads(err.body or "{}").get("message") or str(err.reason)
+    except (ValueError, AttributeError):
+        return str(err.reason)

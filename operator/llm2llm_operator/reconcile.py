@@ -1,16 +1,19 @@
-"""One reconcile of one AugmentationRun: validate, observe, ask the planner, carry out its action.
+"""One reconcile of one AugmentationRun: check the resource, then one step of the shared control core.
 
-Level-based: everything is recomputed from the resource, storage and the launcher on every call; the
-process remembers nothing between calls. Kopf is not imported here: ``reconcile`` returns what to
-write (status) and say (events), and raises ``Transient`` when something it needs is unreachable.
+What is the operator's own: reading the resource and its references (the teacher key's and MLflow's Secrets,
+the cluster template), the admins' allow-lists, and choosing the launcher (KubeRay RayJob or a cluster's Ray
+Jobs API). Observing, planning, launching, the status and tracking are ``llm2llm.control.step``, the same code
+``llm2llm run`` runs. Kopf is not imported here: ``reconcile`` returns what to write (status) and say
+(events), and raises ``Transient`` when something it needs is unreachable.
 """
 
 from __future__ import annotations
 
-import json
+import base64
+import fnmatch
 import logging
-import os
 import posixpath
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -19,35 +22,29 @@ import urllib3
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from llm2llm.launch import JobsApiLauncher, entrypoint, job_env
-from llm2llm.planner import Action, Event, Idle, JobObservation, Launch, Observed, Stop, advance
-from llm2llm.spec import GROUP, PLURAL, VERSION, AugmentationRunSpec, SpecError, parse_spec
-from llm2llm.status import STAGES, TERMINAL, RunStatus
+from llm2llm import endpoints
+from llm2llm.control import Invalid, JobSettings, RunRef, Transient, load_status, refuse, resolve_paths, step
+from llm2llm.jobsapi import JobsApiLauncher
+from llm2llm.planner import Action, Event
+from llm2llm.spec import GROUP, PLURAL, VERSION, AugmentationRunSpec, SecretKeyRef, SpecError, parse_spec
+from llm2llm.status import TERMINAL
 from llm2llm.storage import RunStorage, StorageError
+from llm2llm.uris import UnsupportedURI, check_uris
 
-from .rayjob import RayJobLauncher, TemplateError, parse_cluster_template, rayjob_manifest
+from .rayjob import RayJobLauncher, TemplateError, parse_cluster_template
 from .settings import Settings
 
 log = logging.getLogger(__name__)
 
 # Errors of the API server or the network: worth a retry, never a verdict on the spec.
 _K8S_ERRORS = (ApiException, urllib3.exceptions.HTTPError, OSError)
-# What JobSubmissionClient raises when the dashboard is down or answers an error.
-_RAY_ERRORS = (OSError, RuntimeError)
 
-
-class Transient(Exception):
-    """Something the reconcile needs (API server, Ray, storage) is unreachable: retry later."""
-
-
-class Invalid(Exception):
-    """The run cannot start as written. Reported as condition Ready=False; no job is launched."""
-
-    def __init__(self, reason: str, message: str, phase: str = "Failed"):
-        super().__init__(message)
-        self.reason = reason
-        self.message = message
-        self.phase = phase  # Pending: a missing reference that may still appear (Secret, ConfigMap)
+# A run may hand a Secret to its teacher (or to MLflow) only when the Secret's owner opted in with a label, and
+# pinned where its value may go (endpoints.ENDPOINTS_ANNOTATION). The operator lists Secrets by that label, so
+# it never even receives one that is not meant for it; labelling a Secret needs `update secrets`.
+SECRET_OPT_IN_LABEL = "llm2llm.io/teacher-key"
+MLFLOW_OPT_IN_LABEL = "llm2llm.io/mlflow-credentials"
+SECRET_ENDPOINTS_ANNOTATION = endpoints.ENDPOINTS_ANNOTATION
 
 
 @dataclass
@@ -68,11 +65,13 @@ class Context:
     settings: Settings
     core: client.CoreV1Api
     custom: client.CustomObjectsApi
-    jobs_api: Callable[[str], JobsApiLauncher] = JobsApiLauncher
+    jobs_api: Callable[[str], Any] = JobsApiLauncher
+    # MLflow trackers by run uid: only a cache (a tracker finds its MLflow runs again by tag after a restart).
+    trackers: dict[tuple, Any] = field(default_factory=dict)
+    _trackers_lock: threading.Lock = field(default_factory=threading.Lock)
 
     @classmethod
-    def connect(cls, settings: Settings, api: client.ApiClient,
-                jobs_api: Callable[[str], JobsApiLauncher] = JobsApiLauncher) -> Context:
+    def connect(cls, settings: Settings, api: client.ApiClient, jobs_api: Callable[[str], Any] = JobsApiLauncher) -> Context:
         return cls(settings, client.CoreV1Api(api), client.CustomObjectsApi(api), jobs_api)
 
 
@@ -80,48 +79,32 @@ class Context:
 class _Target:
     spec: AugmentationRunSpec  # with local paths made absolute
     storage: RunStorage
-    kind: str  # jobs-api | rayjob
-    launcher: Any  # JobsApiLauncher | RayJobLauncher
-    template: dict[str, Any] | None = None
+    launcher: Any  # a control.Launcher: JobsApiLauncher or RayJobLauncher
+    env: dict[str, str] = field(default_factory=dict)
+    tracker: Any | None = None
 
 
 def reconcile(body: dict[str, Any], ctx: Context) -> Outcome:
     meta = body["metadata"]
-    generation = meta.get("generation")
     old = body.get("status") or {}
-    status = _load_status(old)
-    if _finished(status, generation):
-        return Outcome(None, action=Idle(status.phase), phase=status.phase)
-    before = status.model_copy(deep=True)
+    status = load_status(old)
+    ref = RunRef(meta["name"], meta["uid"], meta["namespace"], meta.get("generation"))
     try:
         target = _prepare(body, ctx)
-        status.set_condition("Ready", True, "SpecValid", "spec and its references are valid", generation)
-        observed = _observe(target, status)
-        new, action, events = advance(target.spec, status, observed, run_name=meta["name"], run_uid=meta["uid"],
-                                      generation=generation)
-        new.output = target.storage.uri()
-        submitted = _carry_out(action, target, body, new, events, ctx)
     except Invalid as bad:
-        return _invalid(before, old, bad, generation)
-    wire = new.wire()
-    return Outcome(wire if wire != old else None, events, action, target.kind, submitted, phase=new.phase)
+        result = refuse(status, bad, ref.generation)
+        kind = None
+    else:
+        settings = JobSettings(python=ctx.settings.job_python, env=target.env)
+        result = step(ref, target.spec, status, storage=target.storage, launcher=target.launcher, job=settings,
+                      tracker=target.tracker)
+        kind = target.launcher.kind
+    wire = result.status.wire()
+    return Outcome(wire if wire != old else None, result.events, result.action, kind, result.submitted,
+                   result.invalid, result.status.phase)
 
 
-# --- validation ----------------------------------------------------------------------------------
-
-def _load_status(doc: dict[str, Any]) -> RunStatus:
-    try:
-        return RunStatus.model_validate(doc)
-    except ValueError:
-        log.warning("status does not parse; starting from an empty one (storage still has the iterations)")
-        return RunStatus()
-
-
-def _finished(status: RunStatus, generation: int | None) -> bool:
-    """A finished run whose spec has not changed since: nothing can change, skip storage and Ray."""
-    return status.phase in ("Succeeded", "Failed") and status.stop_reason is not None \
-        and status.observed_generation == generation and status.finished_at is not None
-
+# --- checking the resource -------------------------------------------------------------------------------
 
 def _prepare(body: dict[str, Any], ctx: Context) -> _Target:
     meta = body["metadata"]
@@ -130,54 +113,42 @@ def _prepare(body: dict[str, Any], ctx: Context) -> _Target:
         spec = parse_spec(body.get("spec"), f"{ns}/{meta['name']}")
     except SpecError as err:
         raise Invalid("InvalidSpec", "; ".join(f"spec.{p}" for p in err.problems)) from None
-    spec = _localize(spec, ctx.settings.base_dir)
+    spec = resolve_paths(spec, ctx.settings.base_dir)
     try:
         storage = RunStorage(spec.output, meta["name"])
     except StorageError as err:
         raise Invalid("OutputUnsupported", f"spec.output: {err}") from None
+    try:  # a scheme without a driver here (gs:// without gcsfs): the job images have the drivers the operator has
+        check_uris(spec)
+    except UnsupportedURI as bad:
+        raise Invalid("OutputUnsupported" if bad.field == "output" else "DataUnsupported", str(bad)) from None
     _check_data(spec, storage)
-    _check_secret(spec, ns, ctx)
+    env: dict[str, str] = {"LLM2LLM_BASE_DIR": ctx.settings.base_dir} if ctx.settings.base_dir else {}
+    pins = _teacher_key(spec, ns, ctx)
+    tracker = _tracker(spec, meta, ctx)
     kind = spec.ray.launcher if spec.ray.launcher != "local" else ctx.settings.default_launcher
     if kind == "jobs-api":
         address = spec.ray.address or ctx.settings.ray_address
         if not address:
             raise Invalid("NoRayAddress", "the jobs-api launcher needs spec.ray.address (or the operator's "
                                           "--ray-address for spec.ray.launcher=local)")
+        _check_ray_address(spec.ray.address, ctx.settings)
         try:
             launcher = ctx.jobs_api(address)
-        except _RAY_ERRORS as err:
+        except Transient:
+            raise
+        except (OSError, RuntimeError) as err:
             raise Transient(f"Ray dashboard {address} unreachable: {err}") from err
-        return _Target(spec, storage, kind, launcher)
+        return _Target(spec, storage, launcher, env, tracker)
     template = None
     if spec.ray.cluster_template:
+        _check_template_allowed(spec.ray.cluster_template, ns, ctx.settings)
         template = _cluster_template(spec.ray.cluster_template, ns, ctx)
     elif not spec.ray.cluster_selector:
         raise Invalid("NoRayCluster", "the rayjob launcher needs spec.ray.clusterSelector (a shared RayCluster) "
                                       "or spec.ray.clusterTemplate (a ConfigMap with a RayCluster spec)")
-    return _Target(spec, storage, kind, RayJobLauncher(ctx.custom, ns), template)
-
-
-def _absolute(uri: str | None, base: str | None, field_name: str) -> str | None:
-    if uri is None or "://" in uri or os.path.isabs(uri):
-        return uri
-    if base is None:
-        raise Invalid("RelativePath", f"spec.{field_name} {uri!r} is a relative path: use an absolute path or a "
-                                      "URI, or start the operator with --base-dir (LLM2LLM_BASE_DIR)")
-    return os.path.join(base, uri)
-
-
-def _localize(spec: AugmentationRunSpec, base: str | None) -> AugmentationRunSpec:
-    """Jobs run elsewhere and the operator has no meaningful working directory: resolve relative
-    local paths against the operator's base dir, in the spec the job is given too."""
-    spec = spec.model_copy(deep=True)
-    spec.data.seed = _absolute(spec.data.seed, base, "data.seed")  # type: ignore[assignment]
-    spec.data.test = _absolute(spec.data.test, base, "data.test")
-    spec.output = _absolute(spec.output, base, "output")  # type: ignore[assignment]
-    for model in (spec.student, spec.teacher):
-        if base and os.sep in model.model and not os.path.isabs(model.model) \
-                and os.path.exists(os.path.join(base, model.model)):
-            model.model = os.path.join(base, model.model)
-    return spec
+    launcher = RayJobLauncher(ctx.custom, ns, owner=meta, spec=spec, template=template, key_pins=pins)
+    return _Target(spec, storage, launcher, env, tracker)
 
 
 def _check_data(spec: AugmentationRunSpec, storage: RunStorage) -> None:
@@ -204,39 +175,104 @@ def _check_data(spec: AugmentationRunSpec, storage: RunStorage) -> None:
             raise Invalid("DataNotFound", f"spec.{name}: {uri} is not a file (its folder exists, so a typo?)")
 
 
-# A run may hand a Secret to its teacher only when the Secret's owner opted in. The operator reads Secrets
-# with its own rights, so without this anyone allowed to create a run could send any key in the namespace to
-# an endpoint of their choosing (a confused deputy); labelling a Secret needs `update secrets`.
-SECRET_OPT_IN_LABEL = "llm2llm.io/teacher-key"
-SECRET_ENDPOINTS_ANNOTATION = "llm2llm.io/allowed-endpoints"
+def _check_ray_address(address: str | None, settings: Settings) -> None:
+    """spec.ray.address makes the operator send requests to a URL of the run author's choosing: only the
+    addresses the cluster admin allowed (the operator's own --ray-address always is)."""
+    if address is None or address == settings.ray_address:
+        return
+    try:
+        target = endpoints.parse_endpoint(address)
+    except endpoints.EndpointError as err:
+        raise Invalid("RayAddressNotAllowed", f"spec.ray.address: {err}") from None
+    allowed = [endpoints.parse_endpoint(a) for a in settings.allowed_ray_addresses]
+    if not any(a.covers(target) for a in allowed):
+        listed = ", ".join(settings.allowed_ray_addresses) or "none"
+        raise Invalid("RayAddressNotAllowed", f"spec.ray.address {address} is not among the Ray addresses the "
+                                              f"operator's admin allows (chart value operator.allowedRayAddresses: "
+                                              f"{listed})")
 
 
-def _check_secret(spec: AugmentationRunSpec, ns: str, ctx: Context) -> None:
+def _check_template_allowed(name: str, ns: str, settings: Settings) -> None:
+    """A cluster template is a pod spec that KubeRay runs with its rights: only templates the admin allowed."""
+    if any(fnmatch.fnmatchcase(f"{ns}/{name}", p if "/" in p else f"*/{p}") for p in settings.allowed_cluster_templates):
+        return
+    listed = ", ".join(settings.allowed_cluster_templates) or "none"
+    raise Invalid("ClusterTemplateNotAllowed", f"spec.ray.clusterTemplate {ns}/{name} is not among the templates "
+                                               f"the operator's admin allows (chart value "
+                                               f"operator.allowedClusterTemplates: {listed})", "Pending")
+
+
+def _opted_in_secret(ref: SecretKeyRef, ns: str, label: str, where: str, ctx: Context) -> Any:
+    """The Secret ``ref`` names, only if its owner labelled it for this purpose: listed by that label, so an
+    unlabelled Secret never reaches the operator."""
+    try:
+        found = ctx.core.list_namespaced_secret(ns, label_selector=f"{label}=true",
+                                                field_selector=f"metadata.name={ref.name}").items
+    except ApiException as err:
+        if err.status == 403:
+            raise Invalid("SecretNotReadable", f"{where}: the operator may not read Secrets in namespace {ns} (the "
+                                               "chart grants it only in watchNamespaces or rbac.secretNamespaces)",
+                          "Pending") from None
+        raise Transient(f"cannot list Secrets in {ns}: {err.status} {err.reason}") from err
+    except _K8S_ERRORS as err:
+        raise Transient(f"cannot list Secrets in {ns}: {err}") from err
+    if not found:
+        raise Invalid("SecretNotFound", f"{where}: no Secret {ns}/{ref.name} labelled {label}=true (it does not "
+                                        "exist, or its owner has not opted it in for this use)", "Pending")
+    secret = found[0]
+    if ref.key not in (secret.data or {}) and ref.key not in (secret.string_data or {}):
+        raise Invalid("SecretKeyNotFound", f"{where}: Secret {ns}/{ref.name} has no key {ref.key!r}", "Pending")
+    return secret
+
+
+def _pins(secret: Any, ref: SecretKeyRef, ns: str, url: str | None, where: str) -> str:
+    pins = ((secret.metadata.annotations if secret.metadata else None) or {}).get(SECRET_ENDPOINTS_ANNOTATION)
+    why = endpoints.check(url, pins)
+    if why is not None:
+        raise Invalid("EndpointNotAllowed", f"{where}: Secret {ns}/{ref.name} may not be sent to {url!r}: {why} "
+                                            f"(its owner pins endpoints with the annotation "
+                                            f"{SECRET_ENDPOINTS_ANNOTATION})", "Pending")
+    return pins  # type: ignore[return-value]
+
+
+def _teacher_key(spec: AugmentationRunSpec, ns: str, ctx: Context) -> str | None:
+    """The endpoints the teacher key is pinned to (passed on to the job beside the key), or None."""
     ref = spec.teacher.api_key_secret_ref
     if ref is None:
-        return
-    where = f"spec.teacher.apiKeySecretRef: Secret {ns}/{ref.name}"
-    try:
-        secret = ctx.core.read_namespaced_secret(ref.name, ns)
-    except ApiException as err:
-        if err.status == 404:
-            raise Invalid("SecretNotFound", f"{where} not found", "Pending") from None
-        raise Transient(f"cannot read Secret {ns}/{ref.name}: {err.status} {err.reason}") from err
-    except _K8S_ERRORS as err:
-        raise Transient(f"cannot read Secret {ns}/{ref.name}: {err}") from err
-    meta = secret.metadata
-    if ((meta.labels if meta else None) or {}).get(SECRET_OPT_IN_LABEL) != "true":
-        raise Invalid("SecretNotAllowed", f"{where} is not labelled {SECRET_OPT_IN_LABEL}=true: a run may only "
-                                          "use a Secret its owner has opted in", "Pending")
-    allowed = ((meta.annotations if meta else None) or {}).get(SECRET_ENDPOINTS_ANNOTATION)
-    if allowed is not None:
-        prefixes = [p.strip() for p in allowed.split(",") if p.strip()]
-        if not any((spec.teacher.endpoint or "").startswith(p) for p in prefixes):
-            raise Invalid("EndpointNotAllowed", f"spec.teacher.endpoint {spec.teacher.endpoint!r} is not among the "
-                                                f"endpoints Secret {ns}/{ref.name} allows "
-                                                f"({SECRET_ENDPOINTS_ANNOTATION}: {allowed})", "Pending")
-    if ref.key not in (secret.data or {}) and ref.key not in (secret.string_data or {}):
-        raise Invalid("SecretKeyNotFound", f"{where} has no key {ref.key!r}", "Pending")
+        return None
+    where = "spec.teacher.apiKeySecretRef"
+    secret = _opted_in_secret(ref, ns, SECRET_OPT_IN_LABEL, where, ctx)
+    return _pins(secret, ref, ns, spec.teacher.endpoint, where)
+
+
+def _tracker(spec: AugmentationRunSpec, meta: dict[str, Any], ctx: Context) -> Any | None:
+    """The run's MLflow tracker (cached per run and config), credentials from its opted-in, pinned Secret."""
+    cfg = spec.tracking.mlflow if spec.tracking is not None else None
+    if cfg is None:
+        return None
+    credentials = None
+    if cfg.credentials_secret_ref is not None:
+        ref, where = cfg.credentials_secret_ref, "spec.tracking.mlflow.credentialsSecretRef"
+        secret = _opted_in_secret(ref, meta["namespace"], MLFLOW_OPT_IN_LABEL, where, ctx)
+        _pins(secret, ref, meta["namespace"], cfg.tracking_uri, where)
+        credentials = _secret_value(secret, ref.key)
+    key = (meta["uid"], cfg.model_dump_json(), credentials)
+    with ctx._trackers_lock:
+        if key not in ctx.trackers:
+            from llm2llm.tracking import tracker_for
+
+            for old in [k for k in ctx.trackers if k[0] == meta["uid"]]:
+                del ctx.trackers[old]  # the config or the credentials changed
+            # None when MLflow is not installed (warned once per run)
+            ctx.trackers[key] = tracker_for(spec, meta["name"], meta["uid"], namespace=meta["namespace"],
+                                            credentials=credentials)
+        return ctx.trackers[key]
+
+
+def _secret_value(secret: Any, key: str) -> str:
+    if key in (secret.string_data or {}):
+        return secret.string_data[key]
+    return base64.b64decode(secret.data[key]).decode("utf-8", errors="replace").strip()
 
 
 def _cluster_template(name: str, ns: str, ctx: Context) -> dict[str, Any]:
@@ -255,89 +291,6 @@ def _cluster_template(name: str, ns: str, ctx: Context) -> dict[str, Any]:
         raise Invalid("ClusterTemplateInvalid", f"spec.ray.clusterTemplate: {err}", "Pending") from None
 
 
-def _invalid(status: RunStatus, old: dict[str, Any], bad: Invalid, generation: int | None) -> Outcome:
-    before = status.condition("Ready")
-    changed = before is None or before.status != "False" or before.reason != bad.reason or before.message != bad.message
-    status.observed_generation = generation
-    status.set_condition("Ready", False, bad.reason, bad.message, generation)
-    if not status.jobs:  # a run under way keeps its phase; it just launches nothing new
-        status.phase = bad.phase  # type: ignore[assignment]
-    events = [Event(bad.reason, bad.message, warning=True)] if changed else []
-    wire = status.wire()
-    return Outcome(wire if wire != old else None, events, None, invalid=bad, phase=status.phase)
-
-
-# --- observing and acting ------------------------------------------------------------------------
-
-def _observe(target: _Target, status: RunStatus) -> Observed:
-    try:
-        iterations = target.storage.iterations()
-        n = len(iterations)
-        done = tuple(s for s in STAGES if target.storage.stage_done(n, s) is not None)
-    except StorageError as err:
-        # Not a Kopf retry with backoff, hidden in the operator's log: say it in status, and let the
-        # timer look again (the run goes on by itself once the storage is back).
-        raise Invalid("StorageUnavailable", f"spec.output {target.spec.output}: {err}", "Pending") from None
-    jobs: dict[str, JobObservation] = {}
-    for rec in status.jobs:
-        if rec.state in TERMINAL:
-            continue  # its outcome is already in status; the job itself may be long gone
-        try:
-            ob = target.launcher.observe(rec.name, rec.iteration, rec.attempt)
-        except (*_K8S_ERRORS, *_RAY_ERRORS) as err:
-            raise Transient(f"cannot observe job {rec.name}: {err}") from err
-        if ob is not None:
-            jobs[rec.name] = ob
-    return Observed(iterations=iterations, jobs=jobs, stages_done=done)
-
-
-def _carry_out(action: Action, target: _Target, body: dict[str, Any], new: RunStatus, events: list[Event],
-               ctx: Context) -> bool:
-    """Do what the planner decided. Returns True when a job was created."""
-    meta = body["metadata"]
-    if isinstance(action, Launch):
-        return _launch(action, target, meta, ctx.settings)
-    if isinstance(action, Stop):
-        try:
-            target.launcher.stop(action.name)
-        except (*_K8S_ERRORS, *_RAY_ERRORS) as err:
-            raise Transient(f"cannot stop job {action.name}: {err}") from err
-        # The planner already recorded how this attempt ended (Suspended, or Failed by deadline).
-        events.append(Event("JobStopped", f"{action.name}: {action.reason}", warning=action.reason != "Suspended"))
-    return False
-
-
-def _launch(action: Launch, target: _Target, meta: dict[str, Any], settings: Settings) -> bool:
-    spec = target.spec
-    python = spec.ray.python or settings.job_python
-    cmd = entrypoint(meta["name"], meta["uid"], spec, action.iteration, action.attempt, python)
-    env = job_env(spec, {"LLM2LLM_BASE_DIR": settings.base_dir} if settings.base_dir else None)
-    try:
-        if target.kind == "rayjob":
-            manifest = rayjob_manifest(run={"metadata": meta}, spec=spec, name=action.name, iteration=action.iteration,
-                                       attempt=action.attempt, entrypoint=cmd, env=env,
-                                       cluster_template=target.template)
-            return target.launcher.submit(manifest)
-        labels = {"llm2llm.io/run": meta["name"], "llm2llm.io/run-uid": meta["uid"],
-                  "llm2llm.io/namespace": meta["namespace"]}
-        return target.launcher.submit(action.name, cmd, env, labels)
-    except ApiException as err:
-        if err.status in (400, 403, 422):
-            # The API server refused the job itself (e.g. a template KubeRay's schema rejects).
-            raise Invalid("JobRejected", f"creating {action.name} failed: {err.status} {_api_message(err)}",
-                          "Pending") from None
-        raise Transient(f"cannot create job {action.name}: {err.status} {err.reason}") from err
-    except (*_K8S_ERRORS, *_RAY_ERRORS) as err:
-        raise Transient(f"cannot submit job {action.name}: {err}") from err
-
-
-def _api_message(err: ApiException) -> str:
-    try:
-        return json.loads(err.body or "{}").get("message") or str(err.reason)
-    except (ValueError, AttributeError):
-        return str(err.reason)
-
-
 # --- deletion ------------------------------------------------------------------------------------
 
 def cleanup(body: dict[str, Any], ctx: Context) -> tuple[list[str], bool]:
@@ -345,27 +298,32 @@ def cleanup(body: dict[str, Any], ctx: Context) -> tuple[list[str], bool]:
     deleted). Works from the raw spec as far as it can when the spec does not parse."""
     meta = body["metadata"]
     ns, uid = meta["namespace"], meta["uid"]
+    stopped = RayJobLauncher(ctx.custom, ns).delete_all(uid)
+    with ctx._trackers_lock:
+        for key in [k for k in ctx.trackers if k[0] == uid]:
+            del ctx.trackers[key]
+    status = load_status(body.get("status") or {})
     try:
-        stopped = RayJobLauncher(ctx.custom, ns).delete_all(uid)
-    except _K8S_ERRORS as err:
-        raise Transient(f"cannot delete RayJobs: {err}") from err
-    status = _load_status(body.get("status") or {})
-    try:
-        spec = _localize(parse_spec(body.get("spec")), ctx.settings.base_dir)
+        spec = resolve_paths(parse_spec(body.get("spec")), ctx.settings.base_dir)
     except (SpecError, Invalid):
         return stopped, False
-    running = [r.name for r in status.jobs if r.state not in TERMINAL and r.name not in stopped]
+    running = [r.name for r in status.jobs if (r.state not in TERMINAL or r.releasing) and r.name not in stopped]
     address = spec.ray.address or ctx.settings.ray_address
     jobs_api = spec.ray.launcher == "jobs-api" or (spec.ray.launcher == "local"
                                                    and ctx.settings.default_launcher == "jobs-api")
     if running and jobs_api and address:
         try:
-            launcher = ctx.jobs_api(address)
+            _check_ray_address(spec.ray.address, ctx.settings)
+        except Invalid:
+            address = None  # never contact an address the admin does not allow, not even to stop a job
+        if address:
+            try:
+                launcher = ctx.jobs_api(address)
+            except (OSError, RuntimeError) as err:
+                raise Transient(f"cannot stop Ray jobs at {address}: {err}") from err
             for name in running:
                 launcher.stop(name)
                 stopped.append(name)
-        except _RAY_ERRORS as err:
-            raise Transient(f"cannot stop Ray jobs at {address}: {err}") from err
     if not spec.delete_data:
         return stopped, False
     try:

@@ -6,6 +6,8 @@ import argparse
 import os
 from dataclasses import dataclass
 
+from llm2llm.endpoints import EndpointError, parse_endpoint
+
 LAUNCHERS = ("jobs-api", "rayjob")
 
 
@@ -22,6 +24,11 @@ class Settings:
     peering: str | None = None  # Kopf peering name; None: standalone (one replica)
     priority: int = 0
     verbose: bool = False
+    # What run authors may point the operator at (set by the cluster admin in the chart): spec.ray.address
+    # values (URL prefixes; the operator's own ray_address is always allowed) and spec.ray.clusterTemplate
+    # ConfigMaps ("name" in any watched namespace, or "namespace/name"; globs allowed).
+    allowed_ray_addresses: tuple[str, ...] = ()
+    allowed_cluster_templates: tuple[str, ...] = ()
 
     @property
     def clusterwide(self) -> bool:
@@ -59,6 +66,13 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     p.add_argument("--peering", default=_env("PEERING"),
                    help="Kopf peering name for several replicas (needs Kopf's peering CRDs); default: standalone")
     p.add_argument("--priority", type=int, default=int(_env("PRIORITY", "0")), help="Kopf peering priority")
+    p.add_argument("--allowed-ray-address", action="append", dest="ray_addresses",
+                   help="a Ray dashboard URL (prefix) that spec.ray.address may name (repeatable). Default: "
+                        "$LLM2LLM_ALLOWED_RAY_ADDRESSES (comma-separated), else none but --ray-address")
+    p.add_argument("--allowed-cluster-template", action="append", dest="templates",
+                   help="a ConfigMap that spec.ray.clusterTemplate may name: NAME (any watched namespace) or "
+                        "NAMESPACE/NAME, globs allowed (repeatable). Default: $LLM2LLM_ALLOWED_CLUSTER_TEMPLATES "
+                        "(comma-separated), else none")
     p.add_argument("-v", "--verbose", action="store_true")
     a = p.parse_args(argv)
     if a.interval <= 0:
@@ -67,8 +81,19 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     if not a.all_namespaces and not namespaces:
         namespaces = [n.strip() for n in (_env("NAMESPACES") or "").split(",") if n.strip()]
     base_dir = os.path.abspath(a.base_dir) if a.base_dir else None
+    ray_addresses = tuple(a.ray_addresses or _list("ALLOWED_RAY_ADDRESSES"))
+    for address in ray_addresses:
+        try:
+            parse_endpoint(address)
+        except EndpointError as err:
+            p.error(f"--allowed-ray-address: {err}")
     return Settings(
         namespaces=tuple(namespaces), default_launcher=a.default_launcher, ray_address=a.ray_address,
         interval=a.interval, job_python=a.job_python, base_dir=base_dir, metrics_port=a.metrics_port,
         liveness=a.liveness, peering=a.peering, priority=a.priority, verbose=a.verbose,
+        allowed_ray_addresses=ray_addresses, allowed_cluster_templates=tuple(a.templates or _list("ALLOWED_CLUSTER_TEMPLATES")),
     )
+
+
+def _list(name: str) -> list[str]:
+    return [v.strip() for v in (_env(name) or "").split(",") if v.strip()]

@@ -45,8 +45,9 @@ def _check_data(run) -> list[str]:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from .control import Transient
     from .localray import RayStartError
-    from .runner import LocalRunner, format_table
+    from .runner import LocalRunner, RunFailed, format_table
 
     try:
         run = load_run(args.file)
@@ -61,7 +62,9 @@ def _run(args: argparse.Namespace) -> int:
     print(f"llm2llm: run {run.metadata.name!r} -> {runner.store.uri()}", flush=True)
     try:
         status = runner.execute()
-    except RayStartError as err:  # the embedded Ray head did not come up: say so, no traceback
+    except (RayStartError, RunFailed, Transient) as err:
+        # The embedded Ray head did not come up, the given one cannot be reached, or the run cannot go on as
+        # written (its status.json says why too): say so, no traceback.
         print(f"llm2llm: cannot run {run.metadata.name!r}: {err}", file=sys.stderr)
         return 1
     print(format_table(status))

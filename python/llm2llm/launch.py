@@ -1,7 +1,7 @@
-"""What an iteration job is (entrypoint, environment) and the Ray Jobs API launcher.
+"""What an iteration job is: its entrypoint (the run, encoded) and its environment.
 
-The local runner and the operator's jobs-api launcher both submit through ``JobsApiLauncher``; the
-operator's RayJob launcher builds the same entrypoint into a manifest.
+Every launcher starts the same thing (``control.job_request``): the Ray Jobs API launcher
+(``jobsapi.JobsApiLauncher``) submits it, the operator's RayJob launcher writes it into a manifest.
 """
 
 from __future__ import annotations
@@ -10,16 +10,17 @@ import base64
 import json
 import logging
 import shlex
-from typing import Any
 
-from .planner import JobObservation
-from .spec import AugmentationRunSpec, spec_to_wire
+from .spec import AugmentationRunSpec, prune_unknown, spec_to_wire
 
 log = logging.getLogger(__name__)
 
 # The job reads the teacher's API key from this variable; it is filled from a Secret (operator) or
 # inherited from the user's shell (local runner), never passed as a job argument or runtime_env value.
 API_KEY_ENV = "LLM2LLM_TEACHER_API_KEY"
+# Where that key may be sent (llm2llm.endpoints), set by the key's owner beside the key: the operator copies the
+# Secret's allowed-endpoints annotation, an admin sets it next to an ambient key. A key with no pin is never sent.
+API_KEY_ENDPOINTS_ENV = "LLM2LLM_TEACHER_API_KEY_ENDPOINTS"
 
 _CPU_ENV = {
     "DS_ACCELERATOR": "cpu",
@@ -42,8 +43,14 @@ def encode_run(name: str, uid: str, spec: AugmentationRunSpec) -> str:
 
 
 def decode_run(arg: str) -> tuple[str, str, AugmentationRunSpec]:
+    """The job's side of ``encode_run``. Fields this version does not know (sent by a newer operator) are
+    dropped with a warning; fields it knows but was not sent (an older operator) take their defaults."""
     doc = json.loads(base64.urlsafe_b64decode(arg.encode()))
-    return doc["name"], doc["uid"], AugmentationRunSpec.model_validate(doc["spec"])
+    wire, dropped = prune_unknown(AugmentationRunSpec, doc["spec"])
+    if dropped:
+        log.warning("the run's spec has fields this job image does not know, ignored (the operator is newer than "
+                    "the image; upgrade the image to use them): %s", ", ".join(f"spec.{p}" for p in dropped))
+    return doc["name"], doc["uid"], AugmentationRunSpec.model_validate(wire)
 
 
 def entrypoint(name: str, uid: str, spec: AugmentationRunSpec, iteration: int, attempt: int, python: str = "python") -> str:
@@ -59,62 +66,3 @@ def job_env(spec: AugmentationRunSpec, extra: dict[str, str] | None = None) -> d
         env.update(_CPU_ENV)
     env.update(extra or {})
     return env
-
-
-_RAY_STATES = {
-    "PENDING": "Pending",
-    "RUNNING": "Running",
-    "SUCCEEDED": "Succeeded",
-    "FAILED": "Failed",
-    "STOPPED": "Failed",
-}
-
-
-class JobsApiLauncher:
-    """Submits iteration jobs to a Ray cluster's Jobs API with the planner's deterministic names as
-    submission ids: submitting a name that exists is a no-op, so a retried submit cannot make a second job."""
-
-    def __init__(self, address: str):
-        from ray.job_submission import JobSubmissionClient
-
-        self.address = address
-        self.client = JobSubmissionClient(address)
-
-    def submit(self, name: str, entrypoint: str, env: dict[str, str], metadata: dict[str, str]) -> bool:
-        """Returns False when a job with this name already existed."""
-        if self._info(name) is not None:
-            return False
-        try:
-            self.client.submit_job(entrypoint=entrypoint, submission_id=name, runtime_env={"env_vars": env},
-                                   metadata=metadata)
-        except RuntimeError as err:
-            # Lost a race with another submitter of the same name: that job is ours.
-            if self._info(name) is not None:
-                return False
-            raise err
-        return True
-
-    def _info(self, name: str) -> Any | None:
-        try:
-            return self.client.get_job_info(name)
-        except RuntimeError as err:
-            if "does not exist" in str(err) or "404" in str(err):
-                return None
-            raise
-
-    def observe(self, name: str, iteration: int, attempt: int) -> JobObservation | None:
-        info = self._info(name)
-        if info is None:
-            return None
-        phase = _RAY_STATES.get(str(info.status).split(".")[-1], "Running")
-        message = info.message or ""
-        if phase == "Failed" and info.error_type:
-            message = f"{info.error_type}: {message}"
-        return JobObservation(iteration=iteration, attempt=attempt, phase=phase, message=message[-500:])  # type: ignore[arg-type]
-
-    def stop(self, name: str) -> None:
-        if self._info(name) is not None:
-            self.client.stop_job(name)
-
-    def logs(self, name: str) -> str:
-        return self.client.get_job_logs(name)

@@ -58,10 +58,12 @@ class Backoff:
 
 @dataclass(frozen=True)
 class Stop:
-    """Stop a running job (suspend, deadline). The run itself carries on or pauses."""
+    """Stop a running job (suspend, deadline). The run itself carries on or pauses. Repeated (``announce``
+    False) while a stopped job is still winding down: stopping is idempotent, and no attempt may overlap it."""
 
     name: str
     reason: str
+    announce: bool = True
 
 
 @dataclass(frozen=True)
@@ -155,6 +157,11 @@ def advance(
 
     # 2. Jobs: what we recorded, updated by what the launcher sees now.
     records = {r.name: r for r in st.jobs}
+    for rec in records.values():
+        if rec.releasing:
+            ob = observed.jobs.get(rec.name)
+            if ob is None or ob.phase in TERMINAL:
+                rec.releasing = None  # really gone (or ended): a new attempt may start
     for name, ob in observed.jobs.items():
         rec = records.setdefault(name, JobRecord(name=name, iteration=ob.iteration, attempt=ob.attempt, submitted_at=stamp))
         if rec.state not in TERMINAL and ob.phase != rec.state:
@@ -207,6 +214,7 @@ def advance(
             events.append(Event("Suspended", "run suspended"))
         if active:
             _end(active, "Suspended", "stopped because the run was suspended", stamp)
+            active.releasing = True
             st.active_job = None
             return st, Stop(active.name, "Suspended"), events
         return st, Idle("Suspended"), events
@@ -218,10 +226,17 @@ def advance(
         deadline = spec.active_deadline_seconds
         if deadline and observed.now - _parse_time(active.submitted_at) > timedelta(seconds=deadline):
             _end(active, "Failed", f"DeadlineExceeded: ran longer than activeDeadlineSeconds ({deadline}s)", stamp)
+            active.releasing = True
             events.append(Event("JobFailed", f"{active.name}: activeDeadlineSeconds exceeded", True))
             return _running(st, n, generation, f"{active.name} passed activeDeadlineSeconds"), Stop(active.name, "DeadlineExceeded"), events
         return _running(st, n, generation, f"iteration {n} attempt {active.attempt}: {st.stage or 'starting'}"), Wait(active.name, n, active.attempt), events
 
+    stopping = next((r for r in st.jobs if r.releasing), None)
+    if stopping is not None:
+        # Stopped, not gone yet (a RayJob deleting its cluster, a Ray job winding down): an attempt started now
+        # would run beside it, on the same storage and scratch. Ask again (idempotent) and wait.
+        msg = f"waiting for {stopping.name} to stop before iteration {n} starts again"
+        return _running(st, n, generation, msg, reason="WaitingForStop"), Stop(stopping.name, stopping.state, announce=False), events
     attempts = max((r.attempt for r in mine), default=0)  # names stay unique across suspends
     failed = [r for r in mine if r.state in ("Failed", "Missing")]
     if len(failed) >= spec.retry.max_attempts:

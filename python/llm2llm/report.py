@@ -27,6 +27,7 @@ import pyarrow.parquet as pq
 from .lineage import iteration_indices, open_run, read_optional
 from .schemas import DATASET, REJECTED, SCORED
 from .status import STAGES, IterationStatus, RunStatus
+from .control import read_status
 from .storage import RunStorage
 
 log = logging.getLogger(__name__)
@@ -83,9 +84,9 @@ def _num_rows(store: RunStorage, rel: str) -> int | None:
 
 def collect(store: RunStorage, examples_per_iteration: int = 3) -> RunData:
     """Everything the report shows, read from the run folder."""
-    run_doc = store.read_json(store.path("run.json")) or {}
-    status_doc = store.read_json(store.path("status.json"))
-    status = RunStatus.model_validate(status_doc) if status_doc else None
+    run_doc = store.run_record() or {}
+    # A torn or foreign status.json is no status: the iterations' own manifests are the report's source.
+    status = read_status(store) if store.exists(store.path("status.json")) else None
     manifests = store.iterations()
     iterations = [manifests[i] for i in sorted(manifests)]
     if not iterations and status is not None:

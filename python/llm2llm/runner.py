@@ -14,34 +14,27 @@ import os
 import sys
 import time
 import uuid
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Callable
 
-from .launch import JobsApiLauncher, entrypoint, job_env
+from .control import Invalid, JobSettings, Launcher, RunRef, Step, Transient, read_status, refuse, resolve_paths, step
+from .jobsapi import JobsApiLauncher
 from .localray import LocalRayHead
-from .planner import Backoff, Finish, Idle, JobObservation, Launch, Observed, Stop, Wait, advance
-from .spec import AugmentationRun, AugmentationRunSpec
-from .status import STAGES, TERMINAL, RunStatus
-from .storage import RunStorage
+from .planner import Backoff, Finish, Idle, Launch, Stop, Wait
+from .spec import AugmentationRun, AugmentationRunSpec, spec_to_wire
+from .status import RunStatus
+from .storage import RunStorage, StorageError
 
 log = logging.getLogger(__name__)
 
-
-def _absolute(uri: str | None) -> str | None:
-    """Jobs run in another working directory: make local paths absolute."""
-    if uri is None or "://" in uri:
-        return uri
-    return os.path.abspath(os.path.expanduser(uri))
+# Consecutive steps that may fail on an unreachable Ray head or storage before the run gives up.
+MAX_TRANSIENT = 30
 
 
-def localize(run: AugmentationRun) -> AugmentationRun:
+def localize(run: AugmentationRun, base: str | None = None) -> AugmentationRun:
+    """The run with its local paths made absolute against ``base`` (default: the working directory)."""
     run = run.model_copy(deep=True)
-    run.spec.data.seed = _absolute(run.spec.data.seed)  # type: ignore[assignment]
-    run.spec.data.test = _absolute(run.spec.data.test)
-    run.spec.output = _absolute(run.spec.output)  # type: ignore[assignment]
-    for model in (run.spec.student, run.spec.teacher):
-        if os.path.sep in model.model and os.path.exists(model.model):
-            model.model = os.path.abspath(model.model)
+    run.spec = resolve_paths(run.spec, base or os.getcwd())
     return run
 
 
@@ -52,7 +45,13 @@ def local_cpus(spec: AugmentationRunSpec) -> int:
     return max(os.cpu_count() or 1, st.workers * st.cpus_per_worker + 2)
 
 
+class RunFailed(RuntimeError):
+    """The run cannot go on (an Invalid the user must fix, or the Ray head stayed unreachable)."""
+
+
 class LocalRunner:
+    """The control core (``control.step``) with the Ray Jobs API as launcher and status.json as status store."""
+
     def __init__(self, run: AugmentationRun, *, address: str | None = None, poll_seconds: float = 2.0,
                  echo: Callable[[str], None] | None = None):
         self.run = localize(run)
@@ -64,17 +63,17 @@ class LocalRunner:
         self.store = RunStorage(self.spec.output, self.name)
         self.python = self.spec.ray.python or sys.executable
         self._head: LocalRayHead | None = None
+        self._ref: RunRef | None = None
+        self._tracker_obj = None
 
     # --- setup -------------------------------------------------------------------------------
     def _uid(self) -> str:
         """A run keeps its uid across restarts, so its job names (and so its jobs) stay the same."""
-        doc = self.store.read_json(self.store.path("run.json"))
+        doc = self.store.run_record()
         if doc and doc.get("uid"):
             return doc["uid"]
         uid = str(uuid.uuid4())
-        from .spec import spec_to_wire
-
-        self.store.write_json(self.store.path("run.json"), {"name": self.name, "uid": uid, "spec": spec_to_wire(self.spec)})
+        self.store.write_run_record(self.name, uid, spec_to_wire(self.spec))
         return uid
 
     def _ray(self) -> JobsApiLauncher:
@@ -84,22 +83,9 @@ class LocalRunner:
         return JobsApiLauncher(self._head.start())
 
     def _status(self) -> RunStatus:
-        doc = self.store.read_json(self.store.path("status.json"))
-        return RunStatus.model_validate(doc) if doc else RunStatus()
+        return read_status(self.store)
 
     # --- loop --------------------------------------------------------------------------------
-    def observe(self, launcher: JobsApiLauncher, status: RunStatus) -> Observed:
-        iterations = self.store.iterations()
-        jobs: dict[str, JobObservation] = {}
-        for rec in status.jobs:
-            if rec.state not in TERMINAL:
-                ob = launcher.observe(rec.name, rec.iteration, rec.attempt)
-                if ob is not None:
-                    jobs[rec.name] = ob
-        n = len(iterations)
-        done = tuple(s for s in STAGES if self.store.stage_done(n, s) is not None)
-        return Observed(iterations=iterations, jobs=jobs, stages_done=done, now=datetime.now(timezone.utc))
-
     def execute(self) -> RunStatus:
         launcher = self._ray()
         try:
@@ -108,33 +94,45 @@ class LocalRunner:
             if self._head is not None:  # our own head: its jobs end with it (a re-run resumes them)
                 self._head.stop()
 
-    def _loop(self, launcher: JobsApiLauncher) -> RunStatus:
-        uid = self._uid()
+    def tick(self, launcher: Launcher, status: RunStatus) -> Step:
+        """One step of the control core; the new status goes to status.json when it changed."""
+        if self._ref is None:
+            try:
+                uid = self._uid()
+            except StorageError as err:  # as the core says it when it cannot observe the storage
+                return refuse(status, Invalid("StorageUnavailable", f"spec.output {self.spec.output}: {err}",
+                                              "Pending"), None)
+            self._ref = RunRef(self.name, uid)
+            self._tracker_obj = self._tracker(self._ref.uid)
+        result = step(self._ref, self.spec, status, storage=self.store, launcher=launcher,
+                      job=JobSettings(python=self.python), tracker=self._tracker_obj)
+        unwritable = result.invalid is not None and result.invalid.reason == "StorageUnavailable"
+        if not unwritable and (result.status.wire() != status.wire() or result.submitted):
+            self.store.write_json(self.store.path("status.json"), result.status.wire())
+        return result
+
+    def _loop(self, launcher: Launcher) -> RunStatus:
         status = self._status()
-        status.output = self.store.uri()
-        tracker = self._tracker(uid)
-        env = job_env(self.spec)
-        last_line = ""
+        last_line, transient = "", 0
         while True:
-            observed = self.observe(launcher, status)
-            new, action, events = advance(self.spec, status, observed, run_name=self.name, run_uid=uid)
-            for ev in events:
+            try:
+                result = self.tick(launcher, status)
+            except Transient as err:
+                transient += 1
+                if transient >= MAX_TRANSIENT:
+                    raise RunFailed(f"gave up after {transient} tries: {err}") from None
+                self.echo(f"{_clock()} WARN {err} (try {transient} of {MAX_TRANSIENT})")
+                time.sleep(self.poll)
+                continue
+            transient = 0
+            for ev in result.events:
                 self.echo(f"{_clock()} {'WARN ' if ev.warning else ''}{ev.reason}: {ev.message}")
-            if isinstance(action, Launch):
-                cmd = entrypoint(self.name, uid, self.spec, action.iteration, action.attempt, self.python)
-                launcher.submit(action.name, cmd, env, {"llm2llm.io/run": self.name, "llm2llm.io/uid": uid})
-            elif isinstance(action, Stop):
-                launcher.stop(action.name)
+            status, action = result.status, result.action
+            if isinstance(action, Stop) and action.announce:
                 self.echo(f"{_clock()} stopped {action.name}: {action.reason}")
-            if tracker is not None:
-                # Cheap unless something is new (an iteration, a phase, the end); never raises.
-                url = tracker.update(new, self.store)
-                if url and new.mlflow_run_url != url:
-                    new.mlflow_run_url = url
-            if new.wire() != status.wire() or isinstance(action, Launch):
-                self.store.write_json(self.store.path("status.json"), new.wire())
-            status = new
-            line = _progress(status, observed)
+            if result.invalid is not None:
+                raise RunFailed(f"{result.invalid.reason}: {result.invalid.message}")
+            line = _progress(status)
             if line != last_line:
                 self.echo(f"{_clock()} {line}")
                 last_line = line
@@ -162,7 +160,7 @@ def _clock() -> str:
     return datetime.now().strftime("%H:%M:%S")
 
 
-def _progress(status: RunStatus, observed: Observed) -> str:
+def _progress(status: RunStatus) -> str:
     if status.phase in ("Succeeded", "Failed"):
         return f"run {status.phase}: {status.stop_reason}"
     job = status.active_job

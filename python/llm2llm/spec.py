@@ -25,6 +25,12 @@ PLURAL = "augmentationruns"
 # Kubernetes object names (RFC 1123 subdomain, kept to 63 so child names can be derived from them).
 NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 MAX_TEMPLATE_CHARS = 16_000
+# Models the jobs prepare offline by name (llm2llm_jobs.models; a test keeps the two lists equal). Anything else
+# is a local folder in Hugging Face layout: nothing is ever downloaded from a model hub.
+BUILTIN_MODELS = ("smollm2-135m", "tiny-llama")
+_MODEL_HELP = ("A built-in name (" + ", ".join(BUILTIN_MODELS) + ") or a local folder in Hugging Face layout: an "
+               "absolute path, or ./relative (to llm2llm run's working directory, the operator's --base-dir). "
+               "Hub ids are refused: nothing is downloaded.")
 
 
 class _Model(BaseModel):
@@ -104,7 +110,7 @@ class DeepSpeedSpec(_Model):
 
 
 class StudentSpec(_Model):
-    model: str = Field("smollm2-135m", min_length=1, description="HF id, local path, or built-in 'smollm2-135m'.")
+    model: str = Field("smollm2-135m", min_length=1, description=_MODEL_HELP)
     method: Literal["lora", "full"] = "lora"
     lora: LoraSpec = Field(default_factory=LoraSpec)
     training: TrainingSpec = Field(default_factory=TrainingSpec)
@@ -123,7 +129,8 @@ class InferSpec(_Model):
 
 class TeacherSpec(_Model):
     kind: Literal["vllm", "openai", "hf"] = "vllm"
-    model: str = Field("smollm2-135m", min_length=1, description="Model for vllm/hf, model name for openai.")
+    model: str = Field("smollm2-135m", min_length=1,
+                       description="kind vllm/hf: " + _MODEL_HELP + " kind openai: the endpoint's model name.")
     endpoint: str | None = Field(None, min_length=1, description="OpenAI-compatible base URL (kind openai).")
     api_key_secret_ref: SecretKeyRef | None = None
     samples_per_failure: int = Field(1, ge=1, le=64)
@@ -259,6 +266,19 @@ def _has_slot(template: str | None, slot: str) -> bool:
     return template is None or ("{" + slot + "}") in template
 
 
+_PATH_PREFIXES = ("/", "./", "../", "~/")
+
+
+def _model_ok(model: str) -> bool:
+    return model in BUILTIN_MODELS or model.startswith(_PATH_PREFIXES)
+
+
+def _model_cel(field: str) -> str:
+    names = ", ".join(f"'{m}'" for m in BUILTIN_MODELS)
+    starts = " || ".join(f"{field}.startsWith('{p}')" for p in _PATH_PREFIXES)
+    return f"{field} in [{names}] || {starts}"
+
+
 CROSS_FIELD_RULES: list[Rule] = [
     Rule(
         "self.teacher.kind != 'openai' || has(self.teacher.endpoint)",
@@ -294,6 +314,18 @@ CROSS_FIELD_RULES: list[Rule] = [
         "self.loop.select != 'random' || has(self.loop.rowsPerRound)",
         "loop.rowsPerRound is required when loop.select is random",
         lambda s: s.loop.select != "random" or s.loop.rows_per_round is not None,
+    ),
+    Rule(
+        _model_cel("self.student.model"),
+        "student.model must be a built-in model (" + ", ".join(BUILTIN_MODELS) + ") or a local folder (/absolute or "
+        "./relative): model hub ids cannot be downloaded",
+        lambda s: _model_ok(s.student.model),
+    ),
+    Rule(
+        "self.teacher.kind == 'openai' || " + _model_cel("self.teacher.model"),
+        "teacher.model must be a built-in model (" + ", ".join(BUILTIN_MODELS) + ") or a local folder (/absolute or "
+        "./relative) unless teacher.kind is openai: model hub ids cannot be downloaded",
+        lambda s: s.teacher.kind == "openai" or _model_ok(s.teacher.model),
     ),
     Rule(
         "!has(self.task.studentTemplate) || self.task.studentTemplate.contains('{input}')",
@@ -402,4 +434,39 @@ def load_run(path: str | Path) -> AugmentationRun:
 
 def spec_to_wire(spec: AugmentationRunSpec) -> dict[str, Any]:
     """The spec as it appears in YAML/JSON (camelCase, defaults filled in)."""
+def prune_unknown(model: type[BaseModel], doc: Any, prefix: str = "") -> tuple[Any, list[str]]:
+    """``doc`` without the fields ``model`` does not know (recursively), and their dotted paths. For a spec
+    that comes from another version of llm2llm (an operator newer than this job image): its new fields are
+    dropped with a warning rather than refused, so upgrading the operator first never breaks running jobs."""
+    if not isinstance(doc, dict):
+        return doc, []
+    by_key = {}
+    for name, info in model.model_fields.items():
+        by_key[name] = info
+        if info.alias:
+            by_key[info.alias] = info
+    out, dropped = {}, []
+    for key, value in doc.items():
+        info = by_key.get(key)
+        if info is None:
+            dropped.append(f"{prefix}{key}")
+            continue
+        sub = _model_of(info.annotation)
+        if sub is not None and isinstance(value, dict):
+            value, more = prune_unknown(sub, value, f"{prefix}{key}.")
+            dropped += more
+        out[key] = value
+    return out, dropped
+
+
+def _model_of(annotation: Any) -> type[BaseModel] | None:
+    """The BaseModel in ``X``, ``X | None`` or ``Optional[X]``, else None."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()) or ():
+        if isinstance(arg, type) and issubclass(arg, BaseModel):
+            return arg
+    return None
+
+
     return spec.model_dump(mode="json", by_alias=True, exclude_none=True)

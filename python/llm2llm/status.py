@@ -82,6 +82,9 @@ class JobRecord(_Model):
     message: str = ""
     submitted_at: str = Field(default_factory=now)
     finished_at: str | None = None
+    releasing: bool | None = Field(
+        None, description="Stopped by the run (suspend, deadline) and not yet gone: no new attempt starts until it is."
+    )
 
 
 class ActiveJob(_Model):

@@ -74,6 +74,10 @@ class StorageError(RuntimeError):
     """Output storage cannot be read or written."""
 
 
+class CorruptFile(StorageError):
+    """A file is there but does not hold what it should (torn, or foreign content)."""
+
+
 class RunStorage:
     """One run's folder: ``<output>/<run>``."""
 
@@ -142,8 +146,8 @@ class RunStorage:
             return None
         except OSError as err:
             raise StorageError(f"cannot read {path}: {err}") from err
-        except ValueError as err:  # torn or foreign content: name the file, never guess
-            raise StorageError(f"corrupt JSON in {path}: {err}") from err
+        except (ValueError, RecursionError) as err:  # torn or foreign content (or nested too deep): name the file
+            raise CorruptFile(f"corrupt JSON in {path}: {err}") from err
 
     def write_table(self, path: str, table: pa.Table) -> None:
         buf = io.BytesIO()
@@ -212,6 +216,14 @@ class RunStorage:
             raise StorageError(f"uploaded {dest} does not match {local}: extra {extra}, missing {missing}, "
                                f"wrong size {wrong}")
         return names
+
+    # --- the run's record ----------------------------------------------------------------------
+    def run_record(self) -> dict[str, Any] | None:
+        """``run.json``: the run's name, uid and the spec it was started with (None before the first write)."""
+        return self.read_json(self.path("run.json"))
+
+    def write_run_record(self, name: str, uid: str, spec_wire: dict[str, Any]) -> None:
+        self.write_json(self.path("run.json"), {"name": name, "uid": uid, "spec": spec_wire})
 
     # --- markers -------------------------------------------------------------------------------
     def mark_done(self, i: int, stage: str, info: dict[str, Any]) -> None:

@@ -59,9 +59,32 @@ def test_duplicates_within_a_batch_and_across_rounds():
     rows = cands(one, "p1", 0) + cands(one, "p2", 1)
     kept, _, reasons = filter_candidates(make_filter(), table(rows, GENERATED), "t", "h", 0)
     assert kept.num_rows == 1 and reasons == {"duplicate": 1}
+    # dedup none lets a question come back with another answer, but never the same row twice: a training set
+    # holds each row id (input and output) once, or the merge stage would refuse it on every attempt.
+    other = one.replace("10 - 4 = 6\n#### 6", "4 + 6 = 10, so 10 - 4 = 6\n#### 6")
     off = make_filter(dedup="none", decontaminate=False)
-    kept, _, _ = filter_candidates(off, table(rows, GENERATED), "t", "h", 0)
-    assert kept.num_rows == 2
+    kept, _, reasons = filter_candidates(off, table(rows + cands(other, "p3", 1), GENERATED), "t", "h", 0)
+    assert kept.num_rows == 2 and reasons == {"duplicate_row": 1}
+    assert len(set(kept.column("id").to_pylist())) == 2
+
+
+def test_dedup_none_and_a_teacher_that_repeats_a_training_row_word_for_word():
+    """The defect: with dedup none, a repeated row got the id of the row already there and merge raised on every
+    attempt, so the run ended Failed. Now the filter refuses it and the merged set has each id once."""
+    import pyarrow as pa
+
+    from llm2llm.schemas import DATASET, row_id
+
+    seed = table([{"id": row_id(SEED_Q, "3 * 4 = 12\n#### 12"), "source": "seed", "input": SEED_Q,
+                   "output": "3 * 4 = 12\n#### 12"}], DATASET)
+    flt = CandidateFilter(GSM, FiltersSpec(dedup="none"), samples_per_failure=2, existing=[SEED_Q],
+                          held_out=[TEST_Q], existing_ids=seed.column("id").to_pylist())
+    repeat = cands(f"1. Question: {SEED_Q}\nAnswer: 3 * 4 = 12\n#### 12\n"
+                   "2. Question: Ann has 2 bags of 5 pears. How many pears?\nAnswer: 2 * 5 = 10\n#### 10")
+    kept, _, reasons = filter_candidates(flt, table(repeat, GENERATED), "t", "h", 0)
+    assert reasons == {"duplicate_row": 1} and kept.num_rows == 1
+    merged = pa.concat_tables([seed, kept.select(DATASET.names).cast(DATASET)])
+    assert len(set(merged.column("id").to_pylist())) == merged.num_rows == 2
 
 
 def test_token_counts_are_attributed_once_per_completion():

@@ -80,3 +80,11 @@ def test_a_train_worker_of_rank_1_builds_a_complete_folder(fresh_cache: Path) ->
     finally:
         dist.destroy_process_group()
     assert (path / "config.json").is_file() and (path / "model.safetensors").is_file()
+
+
+def test_builtin_models_are_the_specs_builtin_names():
+    """The spec admits built-in names from llm2llm.spec.BUILTIN_MODELS (CRD rule); the jobs prepare exactly those."""
+    from llm2llm.spec import BUILTIN_MODELS
+    from llm2llm_jobs.models import _FOLDERS
+
+    assert sorted(_FOLDERS) == sorted(BUILTIN_MODELS)

@@ -29,10 +29,10 @@ def _spec(**ray):
     })
 
 
-def _manifest(spec, template=None):
+def _manifest(spec, template=None, key_pins=None):
     cmd = entrypoint("demo", "u-1", spec, 2, 3, "/usr/bin/python3")
     return rayjob_manifest(run=RUN, spec=spec, name="demo-abc-i2-a3", iteration=2, attempt=3, entrypoint=cmd,
-                           env=job_env(spec), cluster_template=template)
+                           env=job_env(spec), cluster_template=template, key_pins=key_pins)
 
 
 def test_manifest_with_cluster_selector():
@@ -54,21 +54,44 @@ def test_manifest_with_cluster_selector():
 
 
 def test_manifest_with_template_overrides_image_and_references_the_secret():
-    m = _manifest(_spec(clusterTemplate="pool", image="job:2"), TEMPLATE)
+    m = _manifest(_spec(clusterTemplate="pool", image="job:2"), TEMPLATE, key_pins="https://x/v1")
     cluster = m["spec"]["rayClusterSpec"]
     assert m["spec"]["shutdownAfterJobFinishes"] is True and "clusterSelector" not in m["spec"]
     head = cluster["headGroupSpec"]["template"]["spec"]["containers"]
     worker = cluster["workerGroupSpecs"][0]["template"]["spec"]["containers"]
-    ref = {"name": "LLM2LLM_TEACHER_API_KEY", "valueFrom": {"secretKeyRef": {"name": "oa", "key": "tok"}}}
-    assert head[0]["env"] == [ref] and worker[0]["env"] == [ref]  # replaces a literal of the same name
+    ref = [{"name": "LLM2LLM_TEACHER_API_KEY", "valueFrom": {"secretKeyRef": {"name": "oa", "key": "tok"}}},
+           {"name": "LLM2LLM_TEACHER_API_KEY_ENDPOINTS", "value": "https://x/v1"}]  # the Secret's own pins
+    assert head[0]["env"] == ref and worker[0]["env"] == ref  # replaces a literal of the same name
     assert head[0]["image"] == worker[0]["image"] == "job:2" and head[1] == {"name": "sidecar", "image": "side:1"}
     assert TEMPLATE["headGroupSpec"]["template"]["spec"]["containers"][0]["image"] == "ray:1"  # not mutated
 
 
-def test_manifest_without_image_or_key_keeps_the_template():
+def test_manifest_without_image_or_key_keeps_the_template_but_no_key_of_its_own():
     spec = parse_spec({"data": {"seed": "/s"}, "output": "/o", "ray": {"launcher": "rayjob", "clusterTemplate": "p"}})
     m = _manifest(spec, TEMPLATE)
-    assert m["spec"]["rayClusterSpec"] == TEMPLATE and "activeDeadlineSeconds" not in m["spec"]
+    cluster = m["spec"]["rayClusterSpec"]
+    assert "activeDeadlineSeconds" not in m["spec"]
+    # A key (or a pin) written into the template by its author never reaches the pods: only the checked Secret's.
+    assert cluster["headGroupSpec"]["template"]["spec"]["containers"][0]["env"] == []
+    assert cluster["workerGroupSpecs"] == TEMPLATE["workerGroupSpecs"]
+    assert cluster["headGroupSpec"]["template"]["spec"]["containers"][1] == {"name": "sidecar", "image": "side:1"}
+
+
+def test_template_author_cannot_pin_a_key_to_their_own_endpoint():
+    evil = {"headGroupSpec": {"template": {"spec": {"containers": [{"name": "ray-head", "image": "ray:1", "env": [
+        {"name": "LLM2LLM_TEACHER_API_KEY", "valueFrom": {"secretKeyRef": {"name": "someone-elses", "key": "k"}}},
+        {"name": "LLM2LLM_TEACHER_API_KEY_ENDPOINTS", "value": "https://attacker.example"},
+        {"name": "KEEP", "value": "1"}]}]}}}}
+    spec = parse_spec({"data": {"seed": "/s"}, "output": "/o", "ray": {"launcher": "rayjob", "clusterTemplate": "p"}})
+    env = _manifest(spec, evil)["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["env"]
+    assert env == [{"name": "KEEP", "value": "1"}]
+
+
+def test_a_rayjob_being_deleted_is_not_finished_until_it_is_gone():
+    obj = {"metadata": {"deletionTimestamp": "2026-01-01T00:00:00Z"},
+           "status": {"jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED"}}
+    assert observe_rayjob(obj, 0, 1).phase == "Running"
+    assert observe_rayjob(None, 0, 1) is None
 
 
 def test_manifest_needs_a_cluster():

@@ -45,20 +45,29 @@ class FakeCustom:
 
 
 OPTED_IN = {"llm2llm.io/teacher-key": "true"}
+PINNED = {"llm2llm.io/allowed-endpoints": "https://x"}
 
 
 class FakeCore:
     def __init__(self, secrets=None, config_maps=None, secret_meta=None):
         self.secrets, self.config_maps = secrets or {}, config_maps or {}
+        self.listed: list[tuple] = []
         # name -> (labels, annotations); opted in unless said otherwise
         self.secret_meta = secret_meta or {}
 
-    def read_namespaced_secret(self, name, ns):
-        if name not in self.secrets:
-            raise ApiException(status=404, reason="NotFound")
-        labels, annotations = self.secret_meta.get(name, (OPTED_IN, None))
-        return SimpleNamespace(data=self.secrets[name], string_data=None,
-                               metadata=SimpleNamespace(labels=labels, annotations=annotations))
+    def list_namespaced_secret(self, ns, label_selector=None, field_selector=None):
+        """As the API server does: only the Secrets matching both selectors come back."""
+        key, _, value = (label_selector or "=").partition("=")
+        name = (field_selector or "").removeprefix("metadata.name=")
+        items = []
+        for sname, data in self.secrets.items():
+            labels, annotations = self.secret_meta.get(sname, (OPTED_IN, PINNED))
+            if (name and sname != name) or (key and (labels or {}).get(key) != value):
+                continue
+            items.append(SimpleNamespace(data=data, string_data=None,
+                                         metadata=SimpleNamespace(labels=labels, annotations=annotations)))
+        self.listed.append((ns, label_selector, field_selector))
+        return SimpleNamespace(items=items)
 
     def read_namespaced_config_map(self, name, ns):
         if name not in self.config_maps:
@@ -70,8 +79,10 @@ class FakeJobsApi:
     def __init__(self, address):
         self.address, self.submitted, self.stopped = address, [], []
 
-    def submit(self, name, entrypoint, env, metadata):
-        self.submitted.append((name, entrypoint, env, metadata))
+    kind = "jobs-api"
+
+    def submit(self, job):
+        self.submitted.append((job.name, job.entrypoint, job.env, job.labels))
         return True
 
     def observe(self, name, iteration, attempt):
@@ -145,8 +156,9 @@ def test_suspend_deletes_the_job_and_records_it_stopped(tmp_path):
     assert body["status"]["phase"] == "Suspended" and "activeJob" not in body["status"]
     rec = body["status"]["jobs"][0]
     assert rec["state"] == "Suspended" and "suspended" in rec["message"]
-    assert "JobStopped" in [e.reason for e in out.events]
-    # Next tick: nothing runs, nothing changes.
+    assert "JobStopped" in [e.reason for e in out.events] and rec["releasing"] is True
+    # Next tick: the RayJob is gone, so the record is released; then nothing runs, nothing changes.
+    assert "releasing" not in _step(body, ctx).status["jobs"][0]
     assert _step(body, ctx).status is None
 
 
@@ -168,16 +180,28 @@ def test_invalid_spec_launches_nothing_and_reports_once(tmp_path):
      None, {}, "SecretNotFound"),
     ({"teacher": {"kind": "openai", "endpoint": "https://x", "apiKeySecretRef": {"name": "s", "key": "k"}}},
      FakeCore(secrets={"s": {"other": "eA=="}}), {}, "SecretKeyNotFound"),
+    # Not labelled by its owner: the operator never even receives it.
     ({"teacher": {"kind": "openai", "endpoint": "https://x", "apiKeySecretRef": {"name": "s", "key": "k"}}},
-     FakeCore(secrets={"s": {"k": "eA=="}}, secret_meta={"s": (None, None)}), {}, "SecretNotAllowed"),
+     FakeCore(secrets={"s": {"k": "eA=="}}, secret_meta={"s": (None, PINNED)}), {}, "SecretNotFound"),
+    # Labelled, but not pinned to any endpoint: the key may go nowhere.
+    ({"teacher": {"kind": "openai", "endpoint": "https://x", "apiKeySecretRef": {"name": "s", "key": "k"}}},
+     FakeCore(secrets={"s": {"k": "eA=="}}, secret_meta={"s": (OPTED_IN, None)}), {}, "EndpointNotAllowed"),
     ({"teacher": {"kind": "openai", "endpoint": "https://evil.example/v1",
                   "apiKeySecretRef": {"name": "s", "key": "k"}}},
      FakeCore(secrets={"s": {"k": "eA=="}},
               secret_meta={"s": (OPTED_IN, {"llm2llm.io/allowed-endpoints": "https://api.openai.com/, https://x"})}),
      {}, "EndpointNotAllowed"),
-    ({"ray": {"launcher": "rayjob", "clusterTemplate": "t"}}, None, {}, "ClusterTemplateNotFound"),
-    ({"ray": {"launcher": "rayjob", "clusterTemplate": "t"}}, FakeCore(config_maps={"t": {}}), {},
-     "ClusterTemplateInvalid"),
+    ({"ray": {"launcher": "rayjob", "clusterTemplate": "t"}}, None, {"allowed_cluster_templates": ("t",)},
+     "ClusterTemplateNotFound"),
+    ({"ray": {"launcher": "rayjob", "clusterTemplate": "t"}}, FakeCore(config_maps={"t": {}}),
+     {"allowed_cluster_templates": ("ns/t",)}, "ClusterTemplateInvalid"),
+    # A template the admin did not allow is refused before it is even read.
+    ({"ray": {"launcher": "rayjob", "clusterTemplate": "t"}}, FakeCore(config_maps={"t": {}}),
+     {"allowed_cluster_templates": ("other/t", "u*")}, "ClusterTemplateNotAllowed"),
+    ({"ray": {"launcher": "jobs-api", "address": "http://evil.internal:8265"}}, None,
+     {"allowed_ray_addresses": ("http://ray-head.ray:8265",)}, "RayAddressNotAllowed"),
+    ({"ray": {"launcher": "jobs-api", "address": "http://ray-head.ray:8265@evil.internal:8265"}}, None,
+     {"allowed_ray_addresses": ("http://ray-head.ray:8265",)}, "RayAddressNotAllowed"),
     ({"ray": {"launcher": "rayjob"}}, None, {}, "NoRayCluster"),
     ({"ray": {"launcher": "local"}}, None, {"default_launcher": "jobs-api"}, "NoRayAddress"),
     ({"output": "relative/runs"}, None, {}, "RelativePath"),

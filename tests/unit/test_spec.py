@@ -68,6 +68,9 @@ BAD = [
     ("spec.loop.select", "random", "loop.rowsPerRound is required when loop.select is random"),
     ("spec.loop.rowsPerRound", [3, -1], "spec.loop.rowsPerRound.1"),
     ("spec.loop.rowsPerRound", [], "spec.loop.rowsPerRound"),
+    # A hub id would be refused by the job on every attempt (nothing is downloaded): refused here instead.
+    ("spec.student.model", "HuggingFaceTB/SmolLM2-135M-Instruct", "student.model must be a built-in model"),
+    ("spec.teacher.model", "Qwen/Qwen2.5-1.5B-Instruct", "teacher.model must be a built-in model"),
 ]
 
 
@@ -93,6 +96,15 @@ def test_every_cross_field_rule_can_fail():
     cases["task.teacherTemplate must contain the {input} slot"] = "teacherTemplate" in str(
         pytest.raises(SpecError, parse_run, _set(demo_doc(), "spec.task.teacherTemplate", "x")).value)
     assert all(cases.values()), [m for m, ok in cases.items() if not ok]
+
+
+def test_models_are_builtin_names_or_folders():
+    for model in ("smollm2-135m", "/shared/models/x", "./models/x", "../x", "~/models/x"):
+        parse_run(_set(demo_doc(), "spec.student.model", model))
+    # An OpenAI-compatible teacher's model is the endpoint's own name.
+    parse_run(_set(demo_doc(), "spec.teacher", {"kind": "openai", "endpoint": "https://x/v1", "model": "gpt-4o-mini"}))
+    with pytest.raises(SpecError, match="teacher.model"):
+        parse_run(_set(demo_doc(), "spec.teacher", {"kind": "vllm", "model": "gpt-4o-mini"}))
 
 
 def test_yaml_numbers_read_as_kubectl_reads_them(tmp_path):

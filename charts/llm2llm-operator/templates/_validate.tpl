@@ -44,6 +44,28 @@ Each message names the key and says what is expected.
 {{- if not $o.jobPython }}
 {{- fail (printf "%s operator.jobPython must name the interpreter of the Ray pods (e.g. /opt/venv/bin/python)" $p) }}
 {{- end }}
+{{- range $key := list "allowedRayAddresses" "allowedClusterTemplates" }}
+{{- $list := index $o $key }}
+{{- if not (kindIs "slice" $list) }}
+{{- fail (printf "%s operator.%s must be a list" $p $key) }}
+{{- end }}
+{{- range $i, $item := $list }}
+{{- if or (not (kindIs "string" $item)) (not $item) (contains "," $item) }}
+{{- fail (printf "%s operator.%s[%d] must be a non-empty string without commas, got %v" $p $key $i $item) }}
+{{- end }}
+{{- if and (eq $key "allowedRayAddresses") (not (regexMatch "^https?://[^/\\s@]+" $item)) }}
+{{- fail (printf "%s operator.allowedRayAddresses[%d] must be an http(s):// dashboard URL without user info, got %q" $p $i $item) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- if not (kindIs "slice" $v.rbac.secretNamespaces) }}
+{{- fail (printf "%s rbac.secretNamespaces must be a list of namespace names" $p) }}
+{{- end }}
+{{- range $i, $ns := $v.rbac.secretNamespaces }}
+{{- if or (not (kindIs "string" $ns)) (not (regexMatch "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$" (toString $ns))) }}
+{{- fail (printf "%s rbac.secretNamespaces[%d] %v is not a namespace name" $p $i $ns) }}
+{{- end }}
+{{- end }}
 {{- if not (kindIs "slice" $o.extraArgs) }}
 {{- fail (printf "%s operator.extraArgs must be a list of flags" $p) }}
 {{- end }}
