@@ -80,11 +80,11 @@ class Iteration:
         info: dict[str, Any] = {}
         if self.i == 0:
             d = self.spec.data
-            seed = load_examples(d.seed, d.input_field, d.output_field, "seed", d.seed_limit)
+            seed = load_examples(d.seed, d.input_field, d.output_field, "seed", d.seed_limit, task=self.spec.task)
             self.store.write_table(self.store.path("data", "seed.parquet"), seed)
             info["seed_rows"] = seed.num_rows
             if d.test:
-                test = load_examples(d.test, d.input_field, d.output_field, "test", d.test_limit)
+                test = load_examples(d.test, d.input_field, d.output_field, "test", d.test_limit, task=self.spec.task)
                 self.store.write_table(self.store.path("data", "test.parquet"), test)
                 info["test_rows"] = test.num_rows
         info["train_rows"] = self._train_table().num_rows

@@ -19,7 +19,7 @@ def _validate(args: argparse.Namespace) -> int:
     except SpecError as err:
         print(err, file=sys.stderr)
         return EXIT_INVALID
-    problems = _check_data(run) if args.check_data else []
+    problems = _check_data(run, read=args.check_data)
     if problems:
         print(f"{args.file}: invalid AugmentationRun:\n" + "\n".join(f"  - {p}" for p in problems), file=sys.stderr)
         return EXIT_INVALID
@@ -27,21 +27,39 @@ def _validate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_data(run) -> list[str]:
-    """Local inputs must exist and be readable before anything is launched."""
+def _check_data(run, read: bool = True) -> list[str]:
+    """Before anything is launched: every URI needs an installed fsspec driver, and (``read``) local data
+    files must be readable with every row used (up to seedLimit/testLimit) fitting the task."""
     from .data import DataError, load_examples
     from .runner import localize
+    from .uris import unsupported_uris
 
+    problems = [str(bad) for bad in unsupported_uris(run.spec)]
+    if problems or not read:
+        return problems
     run = localize(run)
     d = run.spec.data
-    problems = []
-    for field, uri, limit in (("spec.data.seed", d.seed, 1), ("spec.data.test", d.test, 1)):
+    for field, uri, limit in (("spec.data.seed", d.seed, d.seed_limit), ("spec.data.test", d.test, d.test_limit)):
         if uri and "://" not in uri:
             try:
-                load_examples(uri, d.input_field, d.output_field, "check", limit)
+                load_examples(uri, d.input_field, d.output_field, "check", limit, task=run.spec.task)
             except DataError as err:
-                problems.append(f"{field}: {err}")
+                problems += [f"{field}: {p}" for p in err.problems]
     return problems
+
+
+def _ray_problem(address: str) -> str | None:
+    """Why the Ray cluster at ``address`` cannot take jobs, or None. Asked before the run starts, so that a
+    mistyped or unreachable address is one line rather than a traceback from inside Ray."""
+    try:
+        from ray.job_submission import JobSubmissionClient
+    except ImportError:
+        return "llm2llm run needs Ray: pip install 'llm2llm[local]'"
+    try:
+        JobSubmissionClient(address)
+    except Exception as err:  # noqa: BLE001 - ValueError, ConnectionError, RpcError...: each means "not usable"
+        return f"the Ray cluster at {address!r} cannot be reached: {err}"
+    return None
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -58,6 +76,12 @@ def _run(args: argparse.Namespace) -> int:
     if problems:
         print(f"{args.file}: invalid AugmentationRun:\n" + "\n".join(f"  - {p}" for p in problems), file=sys.stderr)
         return EXIT_INVALID
+    address = args.address or run.spec.ray.address
+    problem = _ray_problem(address) if address else None
+    if problem:
+        where = "--address" if args.address else "spec.ray.address"
+        print(f"llm2llm: cannot run {run.metadata.name!r}: {problem} ({where})", file=sys.stderr)
+        return 1
     runner = LocalRunner(run, address=args.address)
     print(f"llm2llm: run {run.metadata.name!r} -> {runner.store.uri()}", flush=True)
     try:
@@ -75,16 +99,32 @@ def _run(args: argparse.Namespace) -> int:
 def _status(args: argparse.Namespace) -> int:
     from .runner import format_table
     from .status import RunStatus
-    from .storage import RunStorage
+    from pydantic import ValidationError
+
+    from .storage import RunStorage, StorageError
 
     uri = args.run_dir.rstrip("/")
     parent, _, name = uri.rpartition("/")
-    store = RunStorage(parent or ".", name)
-    doc = store.read_json(store.path("status.json"))
+    if not name:
+        print(f"llm2llm status: {args.run_dir!r} is not a run folder (<output>/<run>)", file=sys.stderr)
+        return EXIT_INVALID
+    try:
+        store = RunStorage(parent or ".", name)
+        doc = store.read_json(store.path("status.json"))
+        if doc is None and store.exists(store.path("status.json")):
+            doc = []  # JSON null: there, but no status (refused below)
+    except (StorageError, OSError) as err:  # an unsupported URI, an unreadable or torn status.json
+        print(f"llm2llm status: {err}", file=sys.stderr)
+        return EXIT_INVALID
     if doc is None:
         print(f"{uri}: no status.json (not a run folder, or the run has not started)", file=sys.stderr)
         return 1
-    status = RunStatus.model_validate(doc)
+    try:
+        status = RunStatus.model_validate(doc)
+    except ValidationError as err:  # JSON, but not a status: say where and what, never a traceback
+        where = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'the document'}: {e['msg']}" for e in err.errors()[:5])
+        print(f"llm2llm status: {store.uri('status.json')}: not a run status: {where}", file=sys.stderr)
+        return EXIT_INVALID
     print(json.dumps(doc, indent=2) if args.json else format_table(status))
     return 0
 

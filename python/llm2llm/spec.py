@@ -428,12 +428,12 @@ def load_run(path: str | Path) -> AugmentationRun:
         doc = yaml.load(text, Loader=_Yaml12Floats)
     except yaml.YAMLError as err:
         raise SpecError(str(p), [f"not valid YAML: {err}"]) from None
+    except (ValueError, RecursionError) as err:  # an integer of 5000 digits, nesting thousands deep
+        raise SpecError(str(p), [f"not usable YAML: {err}"]) from None
     run = parse_run(doc, str(p))
     return run
 
 
-def spec_to_wire(spec: AugmentationRunSpec) -> dict[str, Any]:
-    """The spec as it appears in YAML/JSON (camelCase, defaults filled in)."""
 def prune_unknown(model: type[BaseModel], doc: Any, prefix: str = "") -> tuple[Any, list[str]]:
     """``doc`` without the fields ``model`` does not know (recursively), and their dotted paths. For a spec
     that comes from another version of llm2llm (an operator newer than this job image): its new fields are
@@ -469,4 +469,6 @@ def _model_of(annotation: Any) -> type[BaseModel] | None:
     return None
 
 
+def spec_to_wire(spec: AugmentationRunSpec) -> dict[str, Any]:
+    """The spec as it appears in YAML/JSON (camelCase, defaults filled in)."""
     return spec.model_dump(mode="json", by_alias=True, exclude_none=True)
