@@ -58,7 +58,7 @@ cluster-down:     ## stop the node; removes its processes, mounts, iptables rule
 	$(NODE) down
 
 controlplane: setup   ## only kube-apiserver + etcd on loopback (no kubelet); prints the KUBECONFIG
-	./tests/cluster/build.sh kube-apiserver etcd >/dev/null
+	./tests/cluster/build.sh kube-apiserver etcd kube-controller-manager >/dev/null
 	$(PY) tests/cluster/controlplane.py up --dir $(CONTROLPLANE_DIR)
 
 controlplane-down:

@@ -1,11 +1,13 @@
-"""A real Kubernetes control plane for tests: etcd + kube-apiserver on 127.0.0.1, no kubelet.
+"""A real Kubernetes control plane for tests: etcd + kube-apiserver + the garbage collector on 127.0.0.1,
+no kubelet.
 
 Binaries come from build.sh (built from the official Go modules, cached per machine). Only the
 standard library and the `openssl` binary are used, so this also runs outside the venv.
 
 What works: the full API (CRDs with real schema validation, status subresources, watches, RBAC,
-impersonation, admission). What does not: anything that needs controllers or a kubelet (pods never
-run, no garbage collection, deleted namespaces stay Terminating forever).
+impersonation, admission) and garbage collection (kube-controller-manager running only its garbage
+collector: ownerReferences, foreground and background deletion). What does not: anything that needs the
+other controllers or a kubelet (pods never run, deleted namespaces stay Terminating forever).
 
 Library use:
     cp = ControlPlane(workdir).start()      # raises ControlPlaneError with the log tail on failure
@@ -146,7 +148,7 @@ class ControlPlane:
         return self
 
     def _start(self, timeout: float) -> None:
-        bin_dir = self.bin_dir or build_binaries(["kube-apiserver", "etcd"])
+        bin_dir = self.bin_dir or build_binaries(["kube-apiserver", "etcd", "kube-controller-manager"])
         self.workdir.mkdir(parents=True, exist_ok=True)
         etcd_client, etcd_peer, api_port = free_ports(3)
         self.server = f"https://127.0.0.1:{api_port}"
@@ -192,16 +194,27 @@ class ControlPlane:
         self._wait_http(f"{self.server}/readyz", "kube-apiserver", self.apiserver_log,
                         t0 + timeout, authenticated=True)
 
+        self._write_kubeconfig()
+        # Only the garbage collector: what deleting with ownerReferences or a propagation policy needs (KubeRay's
+        # RayJob -> RayCluster chain, foreground deletion), and nothing that would act on the tests' objects.
+        gc_port, = free_ports(1)
+        self._spawn("kube-controller-manager", [
+            bin_dir / "kube-controller-manager", f"--kubeconfig={self.kubeconfig}",
+            f"--authentication-kubeconfig={self.kubeconfig}", f"--authorization-kubeconfig={self.kubeconfig}",
+            "--controllers=garbagecollector", "--leader-elect=false", "--bind-address=127.0.0.1",
+            f"--secure-port={gc_port}", "--use-service-account-credentials=false",
+        ], self.workdir / "kube-controller-manager.log")
+        self._wait_https_ok(f"https://127.0.0.1:{gc_port}/healthz", "kube-controller-manager",
+                            self.workdir / "kube-controller-manager.log", t0 + timeout)
         self.ready_seconds = time.monotonic() - t0
         self.apiserver_rss_bytes = rss_bytes(self.pids["kube-apiserver"])
-        self._write_kubeconfig()
         (self.workdir / "pids.json").write_text(json.dumps(self.pids) + "\n")
         print(f"control plane ready in {self.ready_seconds:.1f}s at {self.server}, "
               f"kube-apiserver RSS {self.apiserver_rss_bytes / 2**20:.0f} MiB", file=sys.stderr)
 
     def stop(self) -> None:
-        """Stops the apiserver first (it depends on etcd), then etcd. Safe to call repeatedly."""
-        for name in ("kube-apiserver", "etcd"):
+        """Stops the controller, then the apiserver (it depends on etcd), then etcd. Safe to call repeatedly."""
+        for name in ("kube-controller-manager", "kube-apiserver", "etcd"):
             pid = self.pids.pop(name, None)
             proc = self._procs.pop(name, None)
             if proc:
@@ -260,6 +273,25 @@ class ControlPlane:
             time.sleep(0.25)
         raise ControlPlaneError(f"{name} not ready at {url} in time (last: {last}); "
                                 f"{log} tail:\n{tail(log)}")
+
+    def _wait_https_ok(self, url: str, name: str, log: Path, deadline: float) -> None:
+        """Polls a component's self-signed /healthz until it answers 200 (its certificate is not checked: it is
+        only asked whether it is up)."""
+        ctx = ssl.create_default_context()
+        ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+        last = "not polled yet"
+        while time.monotonic() < deadline:
+            if not _alive(self.pids[name]):
+                raise ControlPlaneError(f"{name} exited during startup; {log} tail:\n{tail(log)}")
+            try:
+                with urllib.request.urlopen(url, timeout=5, context=ctx) as resp:
+                    if resp.status == 200:
+                        return
+                    last = f"HTTP {resp.status}"
+            except (OSError, ssl.SSLError) as e:
+                last = repr(e)
+            time.sleep(0.25)
+        raise ControlPlaneError(f"{name} not healthy at {url} in time (last: {last}); {log} tail:\n{tail(log)}")
 
     def _write_kubeconfig(self) -> None:
         self.kubeconfig.write_text(f"""\

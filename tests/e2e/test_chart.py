@@ -106,33 +106,38 @@ def kinds(docs: list[dict[str, Any]]) -> list[tuple[str, str, str | None]]:
     return sorted((d["kind"], d["metadata"]["name"], d["metadata"].get("namespace")) for d in docs)
 
 
-def chart_with_rules(tmp: Path, rules: list[dict[str, Any]]) -> Path:
-    """A copy of the chart whose files/rbac-rules.yaml has these rules."""
+RULE_SECTIONS = ("rules", "secrets")  # files/rbac-rules.yaml: the operator's Role, and its Secrets-only Role
+
+
+def chart_with_rules(tmp: Path, sections: dict[str, list[dict[str, Any]]]) -> Path:
+    """A copy of the chart whose files/rbac-rules.yaml has these rule sections."""
     dest = tmp / f"chart-{time.monotonic_ns()}"
     shutil.copytree(CHART, dest)
     doc = yaml.safe_load((CHART / "files" / "rbac-rules.yaml").read_text())
-    doc["rules"] = rules
+    doc.update(sections)
     (dest / "files" / "rbac-rules.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
     return dest
 
 
-def rules_without(perm: tuple[str, str, str]) -> list[dict[str, Any]]:
+def rules_without(perm: tuple[str, str, str]) -> dict[str, list[dict[str, Any]]]:
     group, resource, verb = perm
     doc = yaml.safe_load((CHART / "files" / "rbac-rules.yaml").read_text())
-    out = []
-    for rule in doc["rules"]:
-        if rule["apiGroups"] == [group] and rule["resources"] == [resource]:
-            rule = {**rule, "verbs": [v for v in rule["verbs"] if v != verb]}
-            if not rule["verbs"]:
-                continue
-        out.append(rule)
+    out: dict[str, list[dict[str, Any]]] = {}
+    for section in RULE_SECTIONS:
+        out[section] = []
+        for rule in doc[section]:
+            if rule["apiGroups"] == [group] and rule["resources"] == [resource]:
+                rule = {**rule, "verbs": [v for v in rule["verbs"] if v != verb]}
+                if not rule["verbs"]:
+                    continue
+            out[section].append(rule)
     return out
 
 
 def all_perms() -> list[tuple[str, str, str]]:
     doc = yaml.safe_load((CHART / "files" / "rbac-rules.yaml").read_text())
-    return [(g, r, v) for rule in doc["rules"] for g in rule["apiGroups"] for r in rule["resources"]
-            for v in rule["verbs"]]
+    return [(g, r, v) for section in RULE_SECTIONS for rule in doc[section] for g in rule["apiGroups"]
+            for r in rule["resources"] for v in rule["verbs"]]
 
 
 # --- lint, values, template -------------------------------------------------------------------------
@@ -173,6 +178,12 @@ BAD_VALUES = [  # (id, --set arguments, words the error must contain)
     ("port-clash", ["--set", "health.port=8000"], ["health.port and metrics.port must differ"]),
     ("port-range", ["--set", "metrics.port=70000"], ["metrics.port must be a port number"]),
     ("sa-without-name", ["--set", "serviceAccount.create=false"], ["serviceAccount.create=false needs serviceAccount.name"]),
+    ("ray-address-userinfo", ["--set", "operator.allowedRayAddresses={http://head@evil:8265}"],
+     ["operator.allowedRayAddresses[0] must be an http(s):// dashboard URL without user info"]),
+    ("templates-not-a-list", ["--set", "operator.allowedClusterTemplates=pool"],
+     ["operator.allowedClusterTemplates must be a list"]),
+    ("secret-namespace-invalid", ["--set", "rbac.secretNamespaces={Team_B}"],
+     ["rbac.secretNamespaces[0] Team_B is not a namespace name"]),
 ]
 
 
@@ -211,9 +222,27 @@ def test_rendered_deployment_is_hardened(control_plane):
     svc = next(d for d in docs if d["kind"] == "Service")
     assert svc["spec"]["ports"] == [{"name": "metrics", "port": 8000, "targetPort": "metrics", "protocol": "TCP"}]
     assert svc["spec"]["selector"] == dep["spec"]["selector"]["matchLabels"]
-    # The RBAC rules are the rules file's, verbatim.
+    # The RBAC rules are the rules file's, verbatim; cluster-wide, no Secret is readable anywhere by default.
     role = next(d for d in docs if d["kind"] == "ClusterRole")
     assert role["rules"] == yaml.safe_load((CHART / "files" / "rbac-rules.yaml").read_text())["rules"]
+    assert not any(r.get("resources") == ["secrets"] for d in docs for r in d.get("rules") or [])
+    assert "LLM2LLM_ALLOWED_CLUSTER_TEMPLATES" not in env and "LLM2LLM_ALLOWED_RAY_ADDRESSES" not in env
+
+
+def test_secret_rights_only_where_the_admin_says(control_plane):
+    """list secrets: a Role per secretNamespaces entry (default: the watched namespaces), never a ClusterRole."""
+    def secret_roles(values):
+        return sorted((d["kind"], d["metadata"]["namespace"]) for d in render(control_plane, "r", "ops", values)
+                      if any(r.get("resources") == ["secrets"] for r in d.get("rules") or []))
+    assert secret_roles({"watchNamespaces": ["a", "b"]}) == [("Role", "a"), ("Role", "b")]
+    assert secret_roles({"watchNamespaces": ["a", "b"], "rbac": {"secretNamespaces": ["b"]}}) == [("Role", "b")]
+    assert secret_roles({"rbac": {"secretNamespaces": ["keys"]}}) == [("Role", "keys")]
+    dep = next(d for d in render(control_plane, "r", "ops", {"operator": {
+        "allowedClusterTemplates": ["pool", "ml/gpu-*"], "allowedRayAddresses": ["http://ray-head.ray:8265"]}})
+        if d["kind"] == "Deployment")
+    env = {e["name"]: e.get("value") for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["LLM2LLM_ALLOWED_CLUSTER_TEMPLATES"] == "pool,ml/gpu-*"
+    assert env["LLM2LLM_ALLOWED_RAY_ADDRESSES"] == "http://ray-head.ray:8265"
 
 
 @pytest.mark.parametrize("mode", ["cluster-wide", "namespaced"])
@@ -231,9 +260,9 @@ def test_template_applies_server_side(control_plane, augrun_crd, namespace, mode
         args = ["get", kind.lower(), name, "-o", "json"] + (["-n", ns] if ns else [])
         got = json.loads(kubectl(*args).stdout)
         assert got["metadata"]["name"] == name
-    if mode == "namespaced":
+    if mode == "namespaced":  # the operator's Role and its Secrets-only Role in each watched namespace
         roles = [d for d in docs if d["kind"] == "Role"]
-        assert sorted(r["metadata"]["namespace"] for r in roles) == sorted(values["watchNamespaces"])
+        assert sorted(r["metadata"]["namespace"] for r in roles) == sorted(values["watchNamespaces"] * 2)
     # Applying again changes nothing (idempotent, no conflicts with ourselves).
     again = kubectl_apply(control_plane, docs)
     assert again.count("serverside-applied") == len(docs)
@@ -413,19 +442,22 @@ def unexpected_denials(log: str) -> list[str]:
 
 
 def install_for_operator(cluster: Cluster, release_ns: str, values: dict[str, Any], tmp: Path,
-                         role_overrides: dict[str, list[dict[str, Any]]] | None = None
+                         role_overrides: dict[str, dict[str, list[dict[str, Any]]]] | None = None
                          ) -> tuple[dict[str, Any], Path]:
     """Renders and server-side applies the chart, and returns its Deployment and a kubeconfig of its
-    ServiceAccount. role_overrides: namespace -> rules, rendered from a chart copy with those rules."""
+    ServiceAccount. role_overrides: namespace -> rule sections, rendered from a chart copy with those rules.
+    The flow's cluster template is one the admin allows (operator.allowedClusterTemplates)."""
     health, metrics = free_ports(2)
     values = {**values, "health": {"port": health}, "metrics": {"port": metrics, "service": {"port": metrics}},
-              "operator": {**values.get("operator", {}), "reconcileInterval": 1}}
+              "operator": {"allowedClusterTemplates": ["ray-template"], **values.get("operator", {}),
+                           "reconcileInterval": 1}}
     docs = render(cluster, "llm2llm", release_ns, values)
-    for ns, rules in (role_overrides or {}).items():
+    for ns, sections in (role_overrides or {}).items():
         reduced = render(cluster, "llm2llm", release_ns, {**values, "watchNamespaces": [ns]},
-                         chart_with_rules(tmp, rules))
-        (role,) = [d for d in reduced if d["kind"] == "Role"]
-        docs = [role if d["kind"] == "Role" and d["metadata"]["namespace"] == ns else d for d in docs]
+                         chart_with_rules(tmp, sections))
+        roles = {d["metadata"]["name"]: d for d in reduced if d["kind"] == "Role"}
+        docs = [roles.get(d["metadata"]["name"], d) if d["kind"] == "Role" and d["metadata"]["namespace"] == ns
+                else d for d in docs]
     kubectl_apply(cluster, docs)
     (dep,) = [d for d in docs if d["kind"] == "Deployment"]
     sa = dep["spec"]["template"]["spec"]["serviceAccountName"]
@@ -521,8 +553,10 @@ class Flow:
 
     # the flow
     def setup(self) -> None:
-        self.core.create_namespaced_secret(self.ns, {"metadata": {"name": "teacher-key", "labels": {"llm2llm.io/teacher-key": "true"}},
-                                                     "stringData": {"token": "sk-test-not-a-secret"}})
+        self.core.create_namespaced_secret(self.ns, {"metadata": {
+            "name": "teacher-key", "labels": {"llm2llm.io/teacher-key": "true"},
+            "annotations": {"llm2llm.io/allowed-endpoints": "https://llm.example/v1"}},
+            "stringData": {"token": "sk-test-not-a-secret"}})
         self.core.create_namespaced_config_map(self.ns, {"metadata": {"name": "ray-template"},
                                                          "data": {"rayClusterSpec": yaml.safe_dump(TEMPLATE)}})
 
@@ -545,7 +579,8 @@ class Flow:
                   "Kopf adds its finalizer")
         job = self.wait(lambda: self.rayjob(a1), "the first RayJob (Secret and template checked)")
         assert job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["env"] == [
-            {"name": "LLM2LLM_TEACHER_API_KEY", "valueFrom": {"secretKeyRef": {"name": "teacher-key", "key": "token"}}}]
+            {"name": "LLM2LLM_TEACHER_API_KEY", "valueFrom": {"secretKeyRef": {"name": "teacher-key", "key": "token"}}},
+            {"name": "LLM2LLM_TEACHER_API_KEY_ENDPOINTS", "value": "https://llm.example/v1"}]
         self.wait(lambda: self.status().get("phase") == "Running" and self.status().get("activeJob"),
                   "status Running")
         self.observe_health("running")
@@ -678,7 +713,8 @@ def test_operator_completes_a_run_cluster_wide(strict_plane, tmp_path, capsys):
     """The default install (ClusterRole, --all-namespaces), alone on the private plane."""
     release_ns = strict_plane.new_namespace("llm2llm-system")
     run_ns = strict_plane.new_namespace("research")
-    dep, kubeconfig = install_for_operator(strict_plane, release_ns, {}, tmp_path)
+    # Secrets are never granted cluster-wide: the admin names the namespace where runs may use one.
+    dep, kubeconfig = install_for_operator(strict_plane, release_ns, {"rbac": {"secretNamespaces": [run_ns]}}, tmp_path)
     assert dep["spec"]["template"]["spec"]["containers"][0]["args"] == ["--all-namespaces"]
     op = ChartOperator(dep, kubeconfig, tmp_path / "operator.log").start()
     try:
@@ -710,7 +746,7 @@ BREAKS_AT = {
     ("ray.io", "rayjobs", "list"): "deleting the run deletes its RayJobs",
     ("ray.io", "rayjobs", "create"): "the first RayJob (Secret and template checked)",
     ("ray.io", "rayjobs", "delete"): "suspend deletes the running RayJob",
-    ("", "secrets", "get"): "the first RayJob (Secret and template checked)",
+    ("", "secrets", "list"): "the first RayJob (Secret and template checked)",
     ("", "configmaps", "get"): "the first RayJob (Secret and template checked)",
     ("", "events", "create"): "the run's Events",
 }

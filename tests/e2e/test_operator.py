@@ -79,7 +79,7 @@ def test_rayjob_lifecycle(api, operator, kubectl, namespace, tmp_path, capsys):
     assert api.rayjobs(uid) == [a1]
     meta, spec = job["metadata"], job["spec"]
     assert meta["labels"] == {"llm2llm.io/run": "life", "llm2llm.io/run-uid": uid, "llm2llm.io/iteration": "0",
-                              "llm2llm.io/attempt": "1"}
+                              "llm2llm.io/attempt": "1", "llm2llm.io/namespace": meta["namespace"]}
     assert meta["ownerReferences"] == [{"apiVersion": "llm2llm.io/v1alpha1", "kind": "AugmentationRun", "name": "life",
                                         "uid": uid, "controller": True, "blockOwnerDeletion": True}]
     assert "llm2llm_jobs.iteration" in spec["entrypoint"] and "--iteration 0 --attempt 1" in spec["entrypoint"]
@@ -182,7 +182,9 @@ def test_delete_stops_rayjobs_and_deletes_data_only_when_asked(api, operator, na
 def test_cluster_template_and_api_key_secret(api, operator, namespace, tmp_path, control_plane):
     operator(namespace)
     core = client.CoreV1Api(control_plane.api)
-    core.create_namespaced_secret(namespace, {"metadata": {"name": "openai", "labels": {"llm2llm.io/teacher-key": "true"}}, "stringData": {"token": SECRET_VALUE}})
+    core.create_namespaced_secret(namespace, {"metadata": {
+        "name": "openai", "labels": {"llm2llm.io/teacher-key": "true"},
+        "annotations": {"llm2llm.io/allowed-endpoints": "https://llm.example/v1"}}, "stringData": {"token": SECRET_VALUE}})
     template = {
         "rayVersion": "2.60.0",
         "headGroupSpec": {"rayStartParams": {}, "template": {"spec": {"containers": [
@@ -207,10 +209,11 @@ def test_cluster_template_and_api_key_secret(api, operator, namespace, tmp_path,
     assert "clusterSelector" not in spec
     head = spec["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"]
     worker = spec["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"]
-    ref = {"name": "LLM2LLM_TEACHER_API_KEY", "valueFrom": {"secretKeyRef": {"name": "openai", "key": "token"}}}
+    ref = [{"name": "LLM2LLM_TEACHER_API_KEY", "valueFrom": {"secretKeyRef": {"name": "openai", "key": "token"}}},
+           {"name": "LLM2LLM_TEACHER_API_KEY_ENDPOINTS", "value": "https://llm.example/v1"}]  # the Secret's pin
     assert head[0]["image"] == worker[0]["image"] == "registry.example/llm2llm-job:1"
     assert head[1]["image"] == "fluent/fluent-bit:3"  # sidecars keep their image
-    assert head[0]["env"] == [{"name": "A", "value": "1"}, ref] and worker[0]["env"] == [ref]
+    assert head[0]["env"] == [{"name": "A", "value": "1"}, *ref] and worker[0]["env"] == ref
     assert worker[0]["resources"] == {"limits": {"nvidia.com/gpu": "4"}}
     text = json.dumps(job)
     assert SECRET_VALUE not in text and "DO-NOT-LEAK" not in text
@@ -281,7 +284,8 @@ def test_bad_specs_caught_by_the_operator(api, operator, namespace, tmp_path, co
     # Default launcher jobs-api without an address, so `launcher: local` has nowhere to go.
     operator(namespace, "--default-launcher", "jobs-api")
     core = client.CoreV1Api(control_plane.api)
-    core.create_namespaced_secret(namespace, {"metadata": {"name": "nokey", "labels": {"llm2llm.io/teacher-key": "true"}},
+    core.create_namespaced_secret(namespace, {"metadata": {"name": "nokey", "labels": {"llm2llm.io/teacher-key": "true"},
+                                                           "annotations": {"llm2llm.io/allowed-endpoints": "https://llm.example"}},
                                               "stringData": {"other": "x"}})
     core.create_namespaced_secret(namespace, {"metadata": {"name": "plain"}, "stringData": {"token": "x"}})
     core.create_namespaced_config_map(namespace, {"metadata": {"name": "empty"}, "data": {"x": "y"}})
@@ -295,8 +299,9 @@ def test_bad_specs_caught_by_the_operator(api, operator, namespace, tmp_path, co
                       "SecretNotFound", "Pending", "Secret"),
         "no-secret-key": ({"teacher": {**openai, "apiKeySecretRef": {"name": "nokey", "key": "token"}}},
                           "SecretKeyNotFound", "Pending", "'token'"),
+        # Not labelled by its owner: the operator lists Secrets by that label, so it never even sees this one.
         "not-opted-in": ({"teacher": {**openai, "apiKeySecretRef": {"name": "plain", "key": "token"}}},
-                         "SecretNotAllowed", "Pending", "llm2llm.io/teacher-key=true"),
+                         "SecretNotFound", "Pending", "llm2llm.io/teacher-key=true"),
         "no-template": ({"ray": {"launcher": "rayjob", "clusterTemplate": "missing"}},
                         "ClusterTemplateNotFound", "Pending", "ConfigMap"),
         "empty-template": ({"ray": {"launcher": "rayjob", "clusterTemplate": "empty"}},
@@ -321,7 +326,9 @@ def test_bad_specs_caught_by_the_operator(api, operator, namespace, tmp_path, co
     assert reasons.count("SecretNotFound") == 1  # one event per transition, not one per reconcile
 
     # Reference checks are level-based: once the Secret exists, the run starts.
-    core.create_namespaced_secret(namespace, {"metadata": {"name": "missing", "labels": {"llm2llm.io/teacher-key": "true"}}, "stringData": {"k": "v"}})
+    core.create_namespaced_secret(namespace, {"metadata": {"name": "missing", "labels": {"llm2llm.io/teacher-key": "true"},
+                                                           "annotations": {"llm2llm.io/allowed-endpoints": "https://llm.example/v1"}},
+                                              "stringData": {"k": "v"}})
     api.patch_spec("no-secret", {"ray": {"launcher": "rayjob", "clusterSelector": {"ray.io/cluster": "shared"}}})
     uid = api.run("no-secret")["metadata"]["uid"]
     wait_for(lambda: api.rayjob(job_name("no-secret", uid, 0, 1)), "the run to start once the Secret exists")

@@ -55,6 +55,11 @@ def augrun_crd(control_plane) -> str:
     return manifest["metadata"]["name"]
 
 
+# The cluster templates the tests' operators allow (their admin's list, operator.allowedClusterTemplates): every
+# template name the tests use, and nothing else (tests/e2e/bad_specs.py has a run naming one outside it).
+TEST_TEMPLATES = "pool,a100-pool,ray-template,t,p,empty,nameless,nohead,notyaml,absent,missing"
+
+
 class Operator:
     """`python -m llm2llm_operator` as a subprocess against the test control plane."""
 
@@ -65,6 +70,7 @@ class Operator:
 
     def start(self, ready_timeout: float = 90.0) -> "Operator":
         env = {**os.environ, "KUBECONFIG": str(self.kubeconfig), "PYTHONUNBUFFERED": "1"}
+        env.setdefault("LLM2LLM_ALLOWED_CLUSTER_TEMPLATES", TEST_TEMPLATES)
         argv = [sys.executable, "-m", "llm2llm_operator", *self.args, "--metrics-port", str(self.metrics_port),
                 "--liveness", f"http://127.0.0.1:{self.health_port}/healthz"]
         with open(self.log_path, "ab") as out:

@@ -62,7 +62,8 @@ JOB = textwrap.dedent("""
         it.store.write_json(it.store.path("run.json"), {"name": name, "uid": uid, "spec": spec_to_wire(spec)})
     prep = it._stage("prepare", it.prepare)
     if attempt == 1:
-        teacher = make_teacher(spec.teacher, None, os.environ.get(API_KEY_ENV))
+        teacher = make_teacher(spec.teacher, None, os.environ.get(API_KEY_ENV),
+                               key_pins=os.environ.get(API_KEY_ENV + "_ENDPOINTS"))
         teacher.max_retries = 0
         logging.info("teacher: %r", teacher)
         teacher.complete([[{"role": "user", "content": "2+2?"}]], n=1, temperature=1.0, top_p=1.0, max_tokens=8,
@@ -95,7 +96,9 @@ def test_api_key_never_leaks(control_plane, augrun_crd, namespace, tmp_path, cap
     key = f"sk-reliability-{secrets.token_hex(12)}"
     core = client.CoreV1Api(control_plane.api)
     api = Api(control_plane, namespace)
-    core.create_namespaced_secret(namespace, {"metadata": {"name": "teacher-key", "labels": {"llm2llm.io/teacher-key": "true"}}, "stringData": {"token": key}})
+    core.create_namespaced_secret(namespace, {"metadata": {
+        "name": "teacher-key", "labels": {"llm2llm.io/teacher-key": "true"},
+        "annotations": {"llm2llm.io/allowed-endpoints": "http://127.0.0.1:1/v1"}}, "stringData": {"token": key}})
     core.create_namespaced_config_map(namespace, {"metadata": {"name": "pool"},
                                                   "data": {"rayClusterSpec": yaml.safe_dump(TEMPLATE)}})
     op = start_operator(control_plane, tmp_path / "operator.log", namespace, "--verbose")
@@ -115,12 +118,13 @@ def test_api_key_never_leaks(control_plane, augrun_crd, namespace, tmp_path, cap
             job = wait_for(lambda: api.rayjob(name), f"the RayJob {name}")
             api.set_rayjob_status(name, jobDeploymentStatus="Running", jobStatus="RUNNING")
             env_vars = yaml.safe_load(job["spec"]["runtimeEnvYAML"])["env_vars"]
-            ref = job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["env"][-1]
-            assert ref["name"] == API_KEY_ENV
+            ref, pin = job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["env"][-2:]
+            assert ref["name"] == API_KEY_ENV and pin == {"name": API_KEY_ENV + "_ENDPOINTS", "value": "http://127.0.0.1:1/v1"}
             sel = ref["valueFrom"]["secretKeyRef"]
             value = base64.b64decode(core.read_namespaced_secret(sel["name"], namespace).data[sel["key"]]).decode()
             assert value == key
-            env = {**os.environ, **env_vars, API_KEY_ENV: value, "RAY_JOB_SUBMISSION_ID": name, "OPENAI_LOG": "debug"}
+            env = {**os.environ, **env_vars, API_KEY_ENV: value, pin["name"]: pin["value"], "RAY_JOB_SUBMISSION_ID": name,
+                   "OPENAI_LOG": "debug"}
             env.pop("RAY_ADDRESS", None)
             ran = subprocess.run([sys.executable, "-c", JOB, job["spec"]["entrypoint"], str(tmp_path / "scratch")],
                                  env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
@@ -256,7 +260,8 @@ def test_a_run_cannot_borrow_a_secret_its_creator_cannot_read(control_plane, aug
                         "the operator's decision")
         jobs = api.custom.list_namespaced_custom_object("ray.io", "v1", namespace, "rayjobs")["items"]
         assert not any("team-key" in json.dumps(j) for j in jobs), "bob's run got team-key into its Ray pods"
-        assert cond["reason"] == "SecretNotAllowed" and "llm2llm.io/teacher-key=true" in cond["message"], cond
+        # Listed by the opt-in label only: to the operator an unlabelled Secret does not exist.
+        assert cond["reason"] == "SecretNotFound" and "llm2llm.io/teacher-key=true" in cond["message"], cond
         # The Secret's owner opts in, pinning the endpoint the key may go to: bob's endpoint is still refused.
         core.patch_namespaced_secret("team-key", namespace, {"metadata": {
             "labels": {"llm2llm.io/teacher-key": "true"},

@@ -53,7 +53,7 @@ Each message names the key and says what is expected.
 {{- if or (not (kindIs "string" $item)) (not $item) (contains "," $item) }}
 {{- fail (printf "%s operator.%s[%d] must be a non-empty string without commas, got %v" $p $key $i $item) }}
 {{- end }}
-{{- if and (eq $key "allowedRayAddresses") (not (regexMatch "^https?://[^/\\s@]+" $item)) }}
+{{- if and (eq $key "allowedRayAddresses") (not (regexMatch "^https?://[^/\\s@]+(/[^\\s@]*)?$" $item)) }}
 {{- fail (printf "%s operator.allowedRayAddresses[%d] must be an http(s):// dashboard URL without user info, got %q" $p $i $item) }}
 {{- end }}
 {{- end }}
