@@ -20,9 +20,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from tests.conftest import REPO
-
-BUILD = REPO / "tests" / "s3" / "build.sh"
+# Not from tests.conftest: the benchmarks start this server too, without pytest's settings.
+BUILD = Path(__file__).resolve().parent / "s3" / "build.sh"
 
 
 class GoMissing(RuntimeError):
