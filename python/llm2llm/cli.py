@@ -65,7 +65,8 @@ def _ray_problem(address: str) -> str | None:
 def _run(args: argparse.Namespace) -> int:
     from .control import Transient
     from .localray import RayStartError
-    from .runner import LocalRunner, RunFailed, format_table
+    from .runner import LocalRunner, RunFailed, format_table, localize
+    from .storage import CorruptFile, RunStorage, StorageError
 
     try:
         run = load_run(args.file)
@@ -75,6 +76,12 @@ def _run(args: argparse.Namespace) -> int:
     problems = _check_data(run)
     if problems:
         print(f"{args.file}: invalid AugmentationRun:\n" + "\n".join(f"  - {p}" for p in problems), file=sys.stderr)
+        return EXIT_INVALID
+    try:  # a run folder from an earlier start: its record must hold, or the run cannot resume as itself
+        RunStorage(localize(run).spec.output, run.metadata.name).run_record()
+    except StorageError as err:
+        hint = "; move it away to start the run afresh (new job names)" if isinstance(err, CorruptFile) else ""
+        print(f"llm2llm: cannot run {run.metadata.name!r}: {err}{hint}", file=sys.stderr)
         return EXIT_INVALID
     address = args.address or run.spec.ray.address
     problem = _ray_problem(address) if address else None

@@ -219,8 +219,14 @@ class RunStorage:
 
     # --- the run's record ----------------------------------------------------------------------
     def run_record(self) -> dict[str, Any] | None:
-        """``run.json``: the run's name, uid and the spec it was started with (None before the first write)."""
-        return self.read_json(self.path("run.json"))
+        """``run.json``: the run's name, uid and the spec it was started with (None before the first write).
+        CorruptFile when it is not such a record: its uid names the run's jobs, so it is never guessed."""
+        path = self.path("run.json")
+        doc = self.read_json(path)
+        if doc is not None and not (isinstance(doc, dict) and isinstance(doc.get("uid", ""), str)
+                                    and isinstance(doc.get("spec", {}), dict)):
+            raise CorruptFile(f"{path} is not a run record (a JSON object with a string uid and a spec object)")
+        return doc
 
     def write_run_record(self, name: str, uid: str, spec_wire: dict[str, Any]) -> None:
         self.write_json(self.path("run.json"), {"name": name, "uid": uid, "spec": spec_wire})

@@ -284,6 +284,22 @@ def test_run_names_spec_ray_address_when_it_comes_from_there(tmp_path, capsys):
     assert "(spec.ray.address)" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("content,words", [
+    (b"[1, 2]", "is not a run record"),
+    (b'{"name": "bad", "uid": 5}', "is not a run record"),
+    (b'{"name": "bad", "uid": "u-1", "spec": "x"}', "is not a run record"),
+    (b'{"name": "bad", "ui', "corrupt JSON in"),
+], ids=["list", "uid-number", "spec-string", "torn"])
+def test_run_refuses_a_run_json_that_is_no_record_before_starting_ray(tmp_path, capsys, content, words):
+    (tmp_path / "runs" / "bad").mkdir(parents=True)
+    (tmp_path / "runs" / "bad" / "run.json").write_bytes(content)
+    # No --address: an accepted run.json would start an embedded Ray head, which this test must never get to.
+    assert main(["run", _demo_run(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "llm2llm: cannot run 'bad': " in err and "run.json" in err and words in err and "Traceback" not in err
+    assert (tmp_path / "runs" / "bad" / "run.json").read_bytes() == content  # left as it was
+
+
 # --- llm2llm status --------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("content,words", [

@@ -423,10 +423,10 @@ def test_status_cli_on_mutated_statuses(mutations, as_json):
                          st.lists(st.tuples(st.sampled_from(_paths(IterationStatus(index=0).model_dump(by_alias=True))),
                                             st.sampled_from(["delete", "replace", "wrap", "null"]), VALUES), max_size=3)
                          .map(lambda m: _dump(_apply(IterationStatus(index=0).model_dump(by_alias=True), m)))),
-       name=st.sampled_from(["_ITERATION.json", "train/_DONE.json", "status.json"]))
+       name=st.sampled_from(["_ITERATION.json", "train/_DONE.json", "status.json", "run.json"]))
 def test_run_files_read_as_values_or_storage_errors(content, name):
     store = RunStorage(str(_TMP / "runs"), "files")
-    folder = _TMP / "runs" / "files" / ("" if name == "status.json" else "iter-0")
+    folder = _TMP / "runs" / "files" / ("" if name in ("status.json", "run.json") else "iter-0")
     (folder / name).parent.mkdir(parents=True, exist_ok=True)
     (folder / name).write_bytes(content)
     with contextlib.suppress(StorageError):
@@ -438,4 +438,7 @@ def test_run_files_read_as_values_or_storage_errors(content, name):
         assert set(store.iterations()) <= {0}
     with contextlib.suppress(StorageError):
         store.stage_done(0, "train")
+    with contextlib.suppress(StorageError):
+        record = store.run_record()
+        assert record is None or isinstance(record, dict) and isinstance(record.get("uid", ""), str)
     (folder / name).unlink()
