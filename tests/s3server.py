@@ -80,23 +80,29 @@ class S3Server:
         with open(log_path, "ab") as log:
             self.proc = subprocess.Popen([str(binary), "--port", f"127.0.0.1:{port}", "--quiet", "posix", str(data)],
                                          stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        try:  # a server that does not come up or take its bucket is stopped here: no caller holds it yet
+            self._wait_up(url, log_path, timeout_s)
+            self.endpoint = S3Endpoint(url, access, secret, bucket)
+            self._make_bucket(self.endpoint)
+        except BaseException:
+            self.stop()
+            raise
+        return self.endpoint
+
+    def _wait_up(self, url: str, log_path: Path, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
         while True:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"S3 server exited with {self.proc.returncode}:\n{log_path.read_text()[-3000:]}")
             try:
                 urllib.request.urlopen(url, timeout=2).close()
-                break
+                return
             except urllib.error.HTTPError:  # 403 to an anonymous request: it is up
-                break
+                return
             except OSError:
                 if time.monotonic() > deadline:
-                    self.stop()
                     raise RuntimeError(f"S3 server not up in {timeout_s}s:\n{log_path.read_text()[-3000:]}")
                 time.sleep(0.2)
-        self.endpoint = S3Endpoint(url, access, secret, bucket)
-        self._make_bucket(self.endpoint)
-        return self.endpoint
 
     @staticmethod
     def _make_bucket(ep: S3Endpoint) -> None:
