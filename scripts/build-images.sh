@@ -12,7 +12,8 @@
 #   IMAGES= scripts/build-images.sh                           # only the base
 #   BASE_IMAGE=python:3.11-slim-bookworm scripts/build-images.sh   # a machine that can pull: no debootstrap
 #
-# Environment: IMAGES (default "operator job-cpu"; "job" is the GPU image), TAG (dev), BASE_IMAGE (the local base),
+# Environment: IMAGES (default "operator job-cpu"; "job" is the GPU image; "mlflow" the MLflow server of the real-node
+# test, from tests/cluster/mlflow/Dockerfile), TAG (dev), BASE_IMAGE (the local base),
 # MIRROR (default: the first Debian URI of /etc/apt/sources.list.d/debian.sources or /etc/apt/sources.list),
 # CA_BUNDLE (default /etc/ssl/certs/ca-certificates.crt; empty: none), DOCKER (docker), DOCKER_BUILDKIT (0: the
 # legacy builder; the Dockerfile also builds with BuildKit's built-in frontend).
@@ -114,14 +115,15 @@ fi
 # --- 3. the images ------------------------------------------------------------------------------------------
 for image in $IMAGES; do
   case "$image" in
-    operator | job-cpu | job) ;;
-    *) echo "build-images: unknown image '$image' (operator, job-cpu, job)" >&2; exit 2 ;;
+    operator | job-cpu | job) dockerfile=$root/Dockerfile target=(--target "$image") ;;
+    mlflow) dockerfile=$root/tests/cluster/mlflow/Dockerfile target=() ;;
+    *) echo "build-images: unknown image '$image' (operator, job-cpu, job, mlflow)" >&2; exit 2 ;;
   esac
   ref="llm2llm/$image:$TAG"
   t=$(date +%s)
-  step "$ref: docker build --target $image (BASE_IMAGE=$BASE_IMAGE)"
-  "$docker" build --network host --target "$image" --build-arg "BASE_IMAGE=$BASE_IMAGE" \
-    -f "$root/Dockerfile" -t "$ref" "$root"
+  step "$ref: docker build -f ${dockerfile#"$root"/} ${target[*]} (BASE_IMAGE=$BASE_IMAGE)"
+  "$docker" build --network host "${target[@]}" --build-arg "BASE_IMAGE=$BASE_IMAGE" \
+    -f "$dockerfile" -t "$ref" "$root"
   step "step $ref: $(seconds "$t") s, $(image_mb "$ref") MB"
   # A few seconds' smoke test: the entrypoint starts, the data plane imports as the image's user.
   case "$image" in
@@ -130,6 +132,7 @@ for image in $IMAGES; do
     job-cpu) "$docker" run --rm "$ref" bash -c 'ray --version && python -c "import torch, deepspeed, vllm" \
                && python -m llm2llm_jobs.models prepare smollm2-135m' >/dev/null ;;
     job) "$docker" run --rm "$ref" ray --version >/dev/null ;;
+    mlflow) "$docker" run --rm --entrypoint mlflow "$ref" --version >/dev/null ;;
   esac
   step "$ref: smoke test passed"
 done

@@ -38,9 +38,9 @@ def build() -> Path:
     return Path(done.stdout.strip().splitlines()[-1])
 
 
-def _free_port() -> int:
+def _free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return s.getsockname()[1]
 
 
@@ -59,9 +59,11 @@ class S3Endpoint:
 
 
 class S3Server:
-    """versitygw on 127.0.0.1, its buckets under ``root``; ``start()`` returns once it answers requests."""
+    """versitygw on ``host`` (127.0.0.1; the real-node test binds the node's bridge address, where pods reach
+    it), its buckets under ``root``; ``start()`` returns once it answers requests."""
 
-    def __init__(self, root: Path, binary: Path | None = None):
+    def __init__(self, root: Path, binary: Path | None = None, host: str = "127.0.0.1"):
+        self.host = host
         self.root = Path(root)
         self.binary = binary
         self.proc: subprocess.Popen | None = None
@@ -72,13 +74,13 @@ class S3Server:
         data = self.root / "data"
         data.mkdir(parents=True, exist_ok=True)
         access, secret = f"test{secrets.token_hex(4)}", secrets.token_hex(16)
-        port = _free_port()
-        url = f"http://127.0.0.1:{port}"
+        port = _free_port(self.host)
+        url = f"http://{self.host}:{port}"
         log_path = self.root / "server.log"
         # The key pair through the environment, not argv: nothing secret in the process list.
         env = {**os.environ, "ROOT_ACCESS_KEY_ID": access, "ROOT_SECRET_ACCESS_KEY": secret}
         with open(log_path, "ab") as log:
-            self.proc = subprocess.Popen([str(binary), "--port", f"127.0.0.1:{port}", "--quiet", "posix", str(data)],
+            self.proc = subprocess.Popen([str(binary), "--port", f"{self.host}:{port}", "--quiet", "posix", str(data)],
                                          stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         try:  # a server that does not come up or take its bucket is stopped here: no caller holds it yet
             self._wait_up(url, log_path, timeout_s)

@@ -71,6 +71,8 @@ NAMESPACE_OBJECTS: list[dict[str, Any]] = [
     {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "nokey", "labels": {"llm2llm.io/teacher-key": "true"}},
      "stringData": {"other": "x"}},
     {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "plain"}, "stringData": {"token": "x"}},
+    {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "unpinned", "labels": {"llm2llm.io/teacher-key": "true"}},
+     "stringData": {"token": "x"}},
     {"apiVersion": "v1", "kind": "Secret",
      "metadata": {"name": "pinned", "labels": {"llm2llm.io/teacher-key": "true"},
                   "annotations": {"llm2llm.io/allowed-endpoints": "https://api.openai.com/"}},
@@ -152,6 +154,9 @@ CASES: list[Case] = [
       "spec.task.labels", "1000"),
     # --- names ---------------------------------------------------------------------------------
     A("name-uppercase-underscore", {}, "metadata.name", name="Bad_Name"),
+    # Nothing is downloaded from a model hub: an id the job would refuse on every attempt is refused here.
+    A("student-hub-id", {"student": {"model": "HuggingFaceTB/SmolLM2-135M-Instruct"}}, "student.model"),
+    A("teacher-hub-id", {"teacher": {"kind": "vllm", "model": "Qwen/Qwen2.5-1.5B-Instruct"}}, "teacher.model"),
     A("name-64-chars", {}, "metadata.name", name="r" * 64),
     A("name-leading-dash", {}, "metadata.name", name="-run"),
     A("name-with-dot", {}, "metadata.name", name="run.v2"),
@@ -160,8 +165,27 @@ CASES: list[Case] = [
       "SecretNotFound", "Pending", "Secret", "absent"),
     C("secret-without-key", {"teacher": {**OPENAI, "apiKeySecretRef": {"name": "nokey", "key": "token"}}},
       "SecretKeyNotFound", "Pending", "nokey", "'token'"),
+    # Listed by the opt-in label only: to the operator, a Secret its owner did not label does not exist.
     C("secret-not-opted-in", {"teacher": {**OPENAI, "apiKeySecretRef": {"name": "plain", "key": "token"}}},
-      "SecretNotAllowed", "Pending", "plain", "llm2llm.io/teacher-key=true"),
+      "SecretNotFound", "Pending", "plain", "llm2llm.io/teacher-key=true"),
+    C("secret-opted-in-but-unpinned", {"teacher": {**OPENAI, "apiKeySecretRef": {"name": "unpinned", "key": "token"}}},
+      "EndpointNotAllowed", "Pending", "unpinned", "not pinned"),
+    # The attacker's URL tricks against a Secret pinned to https://api.openai.com/ (llm2llm.endpoints).
+    C("secret-userinfo-bypass", {"teacher": {**OPENAI, "endpoint": "https://api.openai.com@attacker.example/v1",
+                                             "apiKeySecretRef": {"name": "pinned", "key": "token"}}},
+      "EndpointNotAllowed", "Pending", "user info"),
+    C("secret-longer-host-bypass", {"teacher": {**OPENAI, "endpoint": "https://api.openai.com.attacker.example/v1",
+                                                "apiKeySecretRef": {"name": "pinned", "key": "token"}}},
+      "EndpointNotAllowed", "Pending", "not among the pinned endpoints"),
+    C("mlflow-secret-not-opted-in", {"tracking": {"mlflow": {"trackingUri": "http://mlflow.example:5000",
+                                                             "credentialsSecretRef": {"name": "plain", "key": "token"}}}},
+      "SecretNotFound", "Pending", "llm2llm.io/mlflow-credentials=true"),
+    # What run authors may point the operator at is the admin's list (test operators: TEST_TEMPLATES).
+    C("template-not-allowed", {"ray": {**TEMPLATE, "clusterTemplate": "vetted-nowhere"}},
+      "ClusterTemplateNotAllowed", "Pending", "vetted-nowhere", "allowedClusterTemplates"),
+    C("ray-address-not-allowed", {"ray": {"launcher": "jobs-api", "clusterSelector": DELETE,
+                                          "address": "http://169.254.169.254:8265"}},
+      "RayAddressNotAllowed", "Failed", "169.254.169.254", "allowedRayAddresses"),
     C("secret-pinned-elsewhere", {"teacher": {**OPENAI, "apiKeySecretRef": {"name": "pinned", "key": "token"}}},
       "EndpointNotAllowed", "Pending", "https://llm.example/v1", "https://api.openai.com/"),
     C("template-missing", {"ray": {**TEMPLATE, "clusterTemplate": "absent"}},
@@ -175,7 +199,8 @@ CASES: list[Case] = [
     C("template-rejected-by-kuberay", {"ray": {**TEMPLATE, "clusterTemplate": "nameless"}},
       "JobRejected", "Pending", "containers[0].name"),
     C("output-unknown-scheme", {"output": "foo://bucket/runs"}, "OutputUnsupported", "Failed", "spec.output", "foo"),
-    C("output-s3-without-driver", {"output": "s3://bucket/runs"}, "OutputUnsupported", "Failed", "s3fs"),
+    # (s3fs is installed with the operator since object storage landed: abfs:// is a scheme with no driver here.)
+    C("output-abfs-without-driver", {"output": "abfs://container/runs"}, "OutputUnsupported", "Failed", "adlfs"),
     C("output-gcs-without-driver", {"output": "gs://bucket/runs"}, "OutputUnsupported", "Failed", "gcsfs"),
     C("output-empty-scheme", {"output": "://runs"}, "OutputUnsupported", "Failed", "spec.output", "not a URI scheme"),
     # Data URIs that no driver installed with the operator (the job images have the same ones) can serve.

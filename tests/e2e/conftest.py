@@ -33,7 +33,7 @@ from controlplane import ControlPlane  # noqa: E402
 import node as node_mod  # noqa: E402
 
 # What `make images` builds (scripts/build-images.sh); the node imports them from dockerd.
-NODE_IMAGES = ("llm2llm/operator:dev", "llm2llm/job-cpu:dev")
+NODE_IMAGES = ("llm2llm/operator:dev", "llm2llm/job-cpu:dev", "llm2llm/mlflow:dev")  # make images
 
 
 def pytest_collection_modifyitems(items):
