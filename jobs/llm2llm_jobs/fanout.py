@@ -100,15 +100,19 @@ def shards(items: list, n: int) -> list[list]:
 # --- worker functions ----------------------------------------------------------------------------
 
 def infer_shard(model: str, prompts: list[str], adapter: str | None, max_tokens: int, backend: str,
-                batch_size: int) -> tuple[list[str], str]:
+                batch_size: int) -> tuple[list[str], str, dict[str, Any]]:
     """``model`` is a name for resolve_model (resolved on this node); ``adapter`` the trained folder's
-    location in the run's storage (a path or URL), fetched here when it is not on a local volume."""
+    location in the run's storage (a path or URL), fetched here when it is not on a local volume. Returns the
+    texts, the backend and the replica's ``Clock.figures()``."""
+    from .clock import Clock
     from .infer import generate
     from .models import resolve_model
 
+    clock = Clock()
     with local_copy(adapter) as adapter_path:
-        return generate(resolve_model(model), prompts, adapter_path=adapter_path, max_tokens=max_tokens,
-                        backend=backend, batch_size=batch_size)
+        texts, used = generate(resolve_model(model), prompts, adapter_path=adapter_path, max_tokens=max_tokens,
+                               backend=backend, batch_size=batch_size, clock=clock)
+    return texts, used, clock.figures()
 
 
 def teach_shard(spec: dict, model_path: str | None, failures: list[dict], existing: list[str], held_out: list[str],
@@ -121,13 +125,17 @@ def teach_shard(spec: dict, model_path: str | None, failures: list[dict], existi
     ``reply_format``: the format an earlier iteration of the run settled on (no need to ask the endpoint
     again); None: "json" when teacher.structuredOutput and the backend can constrain replies, else "text"."""
     from . import filter as flt
+    from .clock import Clock, TimedTeacher
     from .teach import make_teacher
 
     run = AugmentationRunSpec.model_validate(spec)
     t, task = run.teacher, Task(run.task, tuple((q, a) for q, a in examples or ()))
     # The key goes only where its owner pinned it (set beside the key, never by the run): see llm2llm.endpoints.
     api_key = os.environ.get(api_key_env) or None
-    teacher = make_teacher(t, model_path, api_key, key_pins=os.environ.get(API_KEY_ENDPOINTS_ENV))
+    clock = Clock()
+    with clock.engine():
+        teacher = TimedTeacher(make_teacher(t, model_path, api_key, key_pins=os.environ.get(API_KEY_ENDPOINTS_ENV)),
+                               clock)
     judge = flt.CandidateFilter(task, run.filters, t.samples_per_failure, existing=existing, held_out=held_out)
     need = {f["id"]: t.samples_per_failure for f in failures}
     rows: list[dict] = []
@@ -168,5 +176,6 @@ def teach_shard(spec: dict, model_path: str | None, failures: list[dict], existi
         teacher.close()
     log.info("teach shard %d: %d candidates (%s replies), %d prompt + %d completion tokens", shard, len(rows), fmt,
              prompt_tokens, completion_tokens)
-    return {"rows": rows, "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "stopped": stopped,
+    return {**clock.figures(), "rows": rows, "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens, "stopped": stopped,
             "reply_format": fmt}

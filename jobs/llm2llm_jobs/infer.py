@@ -14,6 +14,8 @@ import logging
 import time
 from pathlib import Path
 
+from .clock import Clock
+
 log = logging.getLogger(__name__)
 
 
@@ -69,12 +71,15 @@ def generate(
     batch_size: int = 64,
     stop: list[str] | None = None,
     dtype: str | None = None,
+    clock: Clock | None = None,
 ) -> tuple[list[str], str]:
     """Greedy completions (the text after each prompt, in prompt order) and the backend used ('vllm'/'hf').
 
     ``adapter_path`` is a PEFT LoRA adapter for ``model_path`` or a full model folder (a full fine-tune).
-    Generation stops at EOS or at the first of ``stop``, which is trimmed from the text.
+    Generation stops at EOS or at the first of ``stop``, which is trimmed from the text. ``clock`` records the
+    engine's start and the generate calls (a failed vLLM start that falls back to HF counts as start-up).
     """
+    clock = clock or Clock()
     if backend not in ("auto", "vllm", "hf"):
         raise ValueError(f"unknown backend {backend!r}")
     if not prompts:
@@ -82,12 +87,12 @@ def generate(
     dtype = dtype or default_dtype()
     if backend in ("auto", "vllm"):
         try:
-            return _generate_vllm(model_path, prompts, adapter_path, max_tokens, batch_size, stop, dtype), "vllm"
+            return _generate_vllm(model_path, prompts, adapter_path, max_tokens, batch_size, stop, dtype, clock), "vllm"
         except Exception as err:  # auto: any failure to import or start vLLM falls back to HF
             if backend == "vllm":
                 raise
             log.warning("vLLM unavailable, falling back to HF generate: %s: %s", type(err).__name__, err)
-    return _generate_hf(model_path, prompts, adapter_path, max_tokens, batch_size, stop, dtype), "hf"
+    return _generate_hf(model_path, prompts, adapter_path, max_tokens, batch_size, stop, dtype, clock), "hf"
 
 
 def _log_speed(backend: str, load_s: float, gen_s: float, tokens: int) -> None:
@@ -129,7 +134,7 @@ def free_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def _generate_vllm(model_path, prompts, adapter_path, max_tokens, batch_size, stop, dtype) -> list[str]:
+def _generate_vllm(model_path, prompts, adapter_path, max_tokens, batch_size, stop, dtype, clock) -> list[str]:
     from vllm import LLM, SamplingParams
     from vllm.lora.request import LoRARequest
 
@@ -140,21 +145,23 @@ def _generate_vllm(model_path, prompts, adapter_path, max_tokens, batch_size, st
         lora = {"enable_lora": True, "max_loras": 1,
                 "max_lora_rank": next((r for r in _LORA_RANKS if r >= rank), _LORA_RANKS[-1])}
     start = time.monotonic()
-    llm = LLM(
-        model=model,
-        dtype=dtype,
-        seed=0,
-        max_model_len=_max_model_len(model, prompts, max_tokens),
-        max_num_seqs=batch_size,
-        enforce_eager=not has_cuda(),  # CUDA graphs / compilation only pay off on a GPU
-        **lora,
-    )
+    with clock.engine():
+        llm = LLM(
+            model=model,
+            dtype=dtype,
+            seed=0,
+            max_model_len=_max_model_len(model, prompts, max_tokens),
+            max_num_seqs=batch_size,
+            enforce_eager=not has_cuda(),  # CUDA graphs / compilation only pay off on a GPU
+            **lora,
+        )
     try:
         params = SamplingParams(temperature=0.0, max_tokens=max_tokens, stop=stop or None)
         request = LoRARequest("student", 1, adapter) if adapter else None
         order = _length_order(prompts)
         up = time.monotonic()
-        outs = llm.generate([prompts[i] for i in order], params, lora_request=request, use_tqdm=False)
+        with clock.span():
+            outs = llm.generate([prompts[i] for i in order], params, lora_request=request, use_tqdm=False)
         texts = [""] * len(prompts)
         for i, out in zip(order, outs):
             texts[i] = out.outputs[0].text
@@ -186,11 +193,12 @@ def load_hf(model_path: str, adapter_path: str | None, dtype: str):
     return tok, model
 
 
-def _generate_hf(model_path, prompts, adapter_path, max_tokens, batch_size, stop, dtype) -> list[str]:
+def _generate_hf(model_path, prompts, adapter_path, max_tokens, batch_size, stop, dtype, clock) -> list[str]:
     import torch
 
     start = time.monotonic()
-    tok, model = load_hf(model_path, adapter_path, dtype)
+    with clock.engine():
+        tok, model = load_hf(model_path, adapter_path, dtype)
     up = time.monotonic()
     order = _length_order(prompts)
     texts = [""] * len(prompts)
@@ -200,7 +208,7 @@ def _generate_hf(model_path, prompts, adapter_path, max_tokens, batch_size, stop
             idx = order[b : b + batch_size]
             enc = tok([prompts[i] for i in idx], return_tensors="pt", padding=True).to(model.device)
             extra = {"stop_strings": stop, "tokenizer": tok} if stop else {}
-            with torch.inference_mode():
+            with torch.inference_mode(), clock.span():
                 out = model.generate(**enc, do_sample=False, max_new_tokens=max_tokens, pad_token_id=tok.pad_token_id,
                                      **extra)
             new = out[:, enc["input_ids"].shape[1] :]

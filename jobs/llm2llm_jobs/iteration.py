@@ -32,7 +32,7 @@ from llm2llm.status import IterationStatus, TokenCounts, now
 from llm2llm.storage import RunStorage, StorageError, fsync_dir
 from llm2llm.tasks import Task, demonstration_rows
 
-from . import fanout
+from . import clock, fanout
 from . import filter as flt
 from . import select as sel
 
@@ -150,12 +150,13 @@ class Iteration:
             gpus=1 if self._gpus() else 0,
         )
         out = []
-        for part, (texts, backend) in zip(parts, results):
+        for part, (texts, backend, _) in zip(parts, results):
             out += [{"id": r["id"], "split": split, "input": r["input"], "output": r["output"], "prediction": t,
                      "iteration": self.i, "backend": backend} for (split, r), t in zip(part, texts)]
         preds = table(out, PREDICTIONS)
         self.store.write_table(self._path("infer", "predictions.parquet"), preds)
-        return {"rows": preds.num_rows, "replicas": len(parts), "backend": ",".join(sorted({b for _, b in results}))}
+        return {"rows": preds.num_rows, "replicas": len(parts), "backend": ",".join(sorted({r[1] for r in results})),
+                **clock.stage_figures([r[2] for r in results])}
 
     def score(self) -> dict[str, Any]:
         preds = self.store.read_table(self._path("infer", "predictions.parquet"), PREDICTIONS)
@@ -173,9 +174,11 @@ class Iteration:
         share = None if budget is None else budget // max(len(groups), 1)
         # Each replica's output is its own committed file: a retried job redoes only missing shards.
         todo = [k for k in range(len(groups)) if not self.store.exists(self._path("teach", f"shard-{k}.json"))]
+        ran: list[dict[str, Any]] = []  # the timings of the shards this attempt ran (clock.stage_figures)
 
         def commit(j: int, res: dict[str, Any]) -> None:
             # As each shard finishes, not after all: a job that dies while another shard still runs keeps it.
+            ran.append(res)
             k = todo[j]
             self.store.write_table(self._path("teach", f"shard-{k}.parquet"), table(res.pop("rows"), GENERATED))
             self.store.write_json(self._path("teach", f"shard-{k}.json"), res)  # the shard's commit marker
@@ -201,7 +204,7 @@ class Iteration:
         gen = pa.concat_tables(rows) if rows else GENERATED.empty_table()
         self.store.write_table(self._path("teach", "generated.parquet"), gen)
         return {"failures": _seed_failures(scored), "selected": len(failures), "replicas": len(groups),
-                "candidates": gen.num_rows, **totals}
+                "candidates": gen.num_rows, **totals, **clock.stage_figures(ran)}
 
     def filter(self, train_rows: pa.Table) -> dict[str, Any]:
         gen = self.store.read_table(self._path("teach", "generated.parquet"), GENERATED)

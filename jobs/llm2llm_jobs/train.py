@@ -98,6 +98,8 @@ class TrainResult(BaseModel):
     initial_loss: float = Field(description="Mean training loss of the first optimizer step.")
     seconds: float = Field(description="Wall time of the whole stage, Ray Train start-up included.")
     train_seconds: float = Field(description="Wall time of the optimisation loop alone.")
+    setup_seconds: float = Field(0.0, description="Rank 0's worker from its start to the loop: imports, model and "
+                                 "tokenizer load, tokenising, DeepSpeed initialize.")
     tokens_per_second: float = Field(description="tokens / train_seconds.")
     mfu: float | None = Field(None, description="Model FLOPs utilisation (6*params*tokens/s / peak); None on CPU.")
     gpu_seconds: float = Field(description="seconds * workers * gpus_per_worker.")
@@ -259,6 +261,7 @@ def _agreed_precision(requested: str) -> str:
 
 def _train_worker(loop_config: dict[str, Any]) -> None:
     """One Ray Train worker: load the base model, train with DeepSpeed, rank 0 saves and reports."""
+    entered = time.perf_counter()
     # Before DeepSpeed and transformers are imported: they read DS_ACCELERATOR and the offline flags then.
     # (Set here rather than in a worker runtime_env, which would rule out Ray's pre-started workers.)
     os.environ.update(loop_config["env"])
@@ -351,6 +354,7 @@ def _train_worker(loop_config: dict[str, Any]) -> None:
         "loss": final_loss,
         "initial_loss": initial_loss,
         "train_seconds": train_seconds,
+        "setup_seconds": start - entered,
         "tokens_per_second": tokens / train_seconds if train_seconds > 0 else 0.0,
         "mfu": _mfu(n_params, tokens / train_seconds, world * cfg.gpus_per_worker) if cfg.gpus_per_worker else None,
         "examples": len(examples),

@@ -102,7 +102,7 @@ class Fakes:
                 self.infer_calls.append(c)
                 with fanout.local_copy(c["adapter"]) as adapter:  # what the task does on its node
                     self.adapter_files.append(sorted(os.listdir(adapter)))
-                out.append((["#### 0"] * len(c["prompts"]), "fake"))
+                out.append((["#### 0"] * len(c["prompts"]), "fake", {}))
         else:
             assert all(c["model_path"] is None for c in calls), "the teacher is resolved by each task"
             out = [{"rows": [], "prompt_tokens": 7, "completion_tokens": 3, "stopped": None} for _ in calls]

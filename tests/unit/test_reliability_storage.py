@@ -54,7 +54,7 @@ class Fakes:
     def run_tasks(self, path, calls, on_result=None, **_):
         if path.endswith(":infer_shard"):
             self._maybe_fault("infer")
-            out = [(["#### 0"] * len(c["prompts"]), "fake") for c in calls]
+            out = [(["#### 0"] * len(c["prompts"]), "fake", {}) for c in calls]
         else:
             self._maybe_fault("teach")
             out = [{"rows": [], "prompt_tokens": 7, "completion_tokens": 3, "stopped": None} for _ in calls]
