@@ -22,12 +22,15 @@ def main(argv: list[str] | None = None) -> int:
         return rc
     res = json.loads((C.RESULTS / "iteration_overhead.json").read_text())
     a = res["analysis"]
-    rows = [[it["iteration"], f"{it['wall_s']:.0f}", f"{it['compute_s']:.0f}", f"{it['overhead_s']:.0f}"]
+    def num(x):
+        return "n/a" if x is None else f"{x:.0f}"
+
+    rows = [[it["iteration"], f"{it['wall_s']:.0f}", num(it["compute_s"]), num(it["overhead_s"])]
             for it in a["iterations"]]
     md = "\n".join([
         f"Source: {res['source']}; load while it ran: {res['load_during']}.",
         "",
-        C.md_table(["iteration", "wall s", "train+infer+teach s", "overhead s"], rows),
+        C.md_table(["iteration", "wall s", "compute s (optimiser steps + generate calls)", "fixed cost s"], rows),
         "",
         f"**Demo total wall time: {a['demo_wall_s']:.0f}s ({a['demo_wall_s'] / 60:.1f} min)**, phase {a['phase']} "
         f"({a['stop_reason']}), {a['started_at']} -> {a['finished_at']}. No numeric goal (the task brief "
