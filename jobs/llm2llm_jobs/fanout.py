@@ -21,7 +21,9 @@ import fsspec
 
 from llm2llm.launch import API_KEY_ENDPOINTS_ENV
 from llm2llm.spec import AugmentationRunSpec
-from llm2llm.tasks import Task
+from llm2llm.tasks import Task, teacher_answer
+
+from . import verify
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +131,8 @@ def teach_shard(spec: dict, model_path: str | None, failures: list[dict], existi
     from .teach import make_teacher
 
     run = AugmentationRunSpec.model_validate(spec)
-    t, task = run.teacher, Task(run.task, tuple((q, a) for q, a in examples or ()))
+    t = run.teacher
+    task = Task(run.task, tuple((q, a) for q, a in examples or ()), keep_label=t.keep_label)
     # The key goes only where its owner pinned it (set beside the key, never by the run): see llm2llm.endpoints.
     api_key = os.environ.get(api_key_env) or None
     clock = Clock()
@@ -162,16 +165,27 @@ def teach_shard(spec: dict, model_path: str | None, failures: list[dict], existi
             seed = run.student.training.seed * 1_000_003 + iteration * 1009 + shard * 101 + round_ * 65_537
             outputs = teacher.complete(convs, n=1, temperature=t.temperature, top_p=t.top_p,
                                        max_tokens=t.max_tokens, seed=seed, schemas=schemas)
+            fresh: list[tuple[str, dict]] = []
             for f, completions in zip(pending, outputs):
                 for c in completions:
                     prompt_tokens += c.prompt_tokens
                     completion_tokens += c.completion_tokens
-                    for cand in flt.candidates_from_completion(c.text, f["id"], round_, t.model, prompt_hash,
-                                                               iteration, c.prompt_tokens, c.completion_tokens,
-                                                               parse=lambda text: task.parse_reply(text, fmt)):
+                    for cand in flt.candidates_from_completion(
+                            c.text, f["id"], round_, t.model, prompt_hash, iteration, c.prompt_tokens,
+                            c.completion_tokens, parse=lambda text, gold=f["output"]: task.parse_reply(text, fmt, gold)):
                         rows.append(cand)
-                        if cand["parse_error"] is None and judge.judge(f["id"], cand["input"], judge.clean(cand["output"])) is None:
-                            need[f["id"]] -= 1
+                        fresh.append((f["id"], cand))
+            if judge.needs_teacher_checks:
+                # Only candidates that pass every other check cost check tokens; batched, one call per round.
+                asked = [cand for _, cand in fresh if cand["parse_error"] is None
+                         and judge.precheck(cand["input"], judge.clean(cand["output"])) is None]
+                used = _teacher_checks(teacher, task, run, asked, fmt, seed + 7919)
+                prompt_tokens += used[0]
+                completion_tokens += used[1]
+            for parent, cand in fresh:
+                if cand["parse_error"] is None and judge.judge(parent, cand["input"], judge.clean(cand["output"]),
+                                                               verify.load_checks(cand.get("checks"))) is None:
+                    need[parent] -= 1
     finally:
         teacher.close()
     log.info("teach shard %d: %d candidates (%s replies), %d prompt + %d completion tokens", shard, len(rows), fmt,
@@ -179,3 +193,34 @@ def teach_shard(spec: dict, model_path: str | None, failures: list[dict], existi
     return {**clock.figures(), "rows": rows, "prompt_tokens": prompt_tokens,
             "completion_tokens": completion_tokens, "stopped": stopped,
             "reply_format": fmt}
+
+
+def _teacher_checks(teacher: Any, task: Task, run: AugmentationRunSpec, cands: list[dict], fmt: str,
+                    seed: int) -> tuple[int, int]:
+    """filters.verify's teacher-side checks of ``cands``: each candidate's ``checks`` records what the teacher
+    answered (the filter turns it into a verdict), and its token counts include the checking calls, so the
+    rows' sums stay the shard's. Returns the (prompt, completion) tokens used."""
+    from .verify import dump_checks
+
+    if not cands:
+        return 0, 0
+    t, v = run.teacher, run.filters.verify
+    if task.spec.kind == "gsm8k":
+        # Sampled at the teacher's temperature: k greedy solutions would all be one.
+        outs = teacher.complete([task.solve_messages(c["input"]) for c in cands], n=v.self_consistency,
+                                temperature=t.temperature, top_p=t.top_p, max_tokens=t.max_tokens, seed=seed)
+        record = [{"solutions": [teacher_answer(o.text) for o in out]} for out in outs]
+    else:
+        schemas = [task.label_schema()] * len(cands) if fmt == "json" else None
+        outs = teacher.complete([task.label_messages(c["input"], fmt) for c in cands], n=1, temperature=0.0,
+                                top_p=1.0, max_tokens=32, seed=seed, schemas=schemas)
+        record = [{"label": task.parse_label(out[0].text, fmt)} for out in outs]
+    used = [0, 0]
+    for cand, out, checks in zip(cands, outs, record):
+        cand["checks"] = dump_checks(checks)
+        for o in out:
+            cand["prompt_tokens"] += o.prompt_tokens
+            cand["completion_tokens"] += o.completion_tokens
+            used[0] += o.prompt_tokens
+            used[1] += o.completion_tokens
+    return used[0], used[1]

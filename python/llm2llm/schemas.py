@@ -57,6 +57,9 @@ GENERATED = pa.schema(
         pa.field("parse_error", pa.string()),
         pa.field("prompt_tokens", pa.int64(), nullable=False),
         pa.field("completion_tokens", pa.int64(), nullable=False),
+        # filters.verify: what the teacher answered when asked to check this candidate (JSON: "solutions" for
+        # GSM8K self-consistency, "label" for relabelling); null when not asked. Its tokens are in the counts.
+        pa.field("checks", pa.string()),
     ]
 )
 
@@ -75,6 +78,11 @@ REJECT_REASONS = (
     "over_sampled",  # more than samplesPerFailure survived for one parent
     "budget",  # teacher token budget used up
     "round_cap",  # the round already added loop.rowsPerRound rows
+    "verify_arithmetic",  # filters.verify.arithmetic: a step of the rationale does not compute
+    "verify_final",  # filters.verify.arithmetic: the final answer is not the last step's result
+    "verify_consistency",  # filters.verify.selfConsistency: most of the teacher's own solutions disagree
+    "verify_label",  # filters.verify.relabel: the teacher labels the new input otherwise
+    "verify_missing",  # a teacher-side check is on but was not made for this candidate
 )
 
 

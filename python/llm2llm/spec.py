@@ -27,7 +27,7 @@ NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 MAX_TEMPLATE_CHARS = 16_000
 # Models the jobs prepare offline by name (llm2llm_jobs.models; a test keeps the two lists equal). Anything else
 # is a local folder in Hugging Face layout: nothing is ever downloaded from a model hub.
-BUILTIN_MODELS = ("smollm2-135m", "tiny-llama")
+BUILTIN_MODELS = ("smollm2-135m", "tiny-llama", "qwen2.5-coder-1.5b")
 _MODEL_HELP = ("A built-in name (" + ", ".join(BUILTIN_MODELS) + ") or a local folder in Hugging Face layout: an "
                "absolute path, or ./relative (to llm2llm run's working directory, the operator's --base-dir). "
                "Hub ids are refused: nothing is downloaded.")
@@ -149,6 +149,12 @@ class TeacherSpec(_Model):
         "false: numbered Question/Answer text, parsed.",
     )
     request_timeout_seconds: float = Field(120, gt=0, le=3600)
+    keep_label: bool = Field(
+        True,
+        description="classification: the teacher writes new inputs for the seed example's gold label, and each "
+        "new row's label is that gold label, never the label the teacher wrote. false: the teacher writes input "
+        "and label, and its label is trained on. Ignored by other task kinds.",
+    )
 
 
 class PlateauSpec(_Model):
@@ -180,11 +186,32 @@ class LoopSpec(_Model):
     )
 
 
+class VerifySpec(_Model):
+    arithmetic: bool = Field(
+        True,
+        description="gsm8k: recompute every 'a op b = c' step of a teacher's rationale (and '<<a*b=c>>' "
+        "calculator annotations) with a safe arithmetic parser; reject the row when a step is wrong "
+        "(verify_arithmetic) or the final answer is not the last step's result (verify_final).",
+    )
+    self_consistency: int = Field(
+        0, ge=0, le=16,
+        description="gsm8k: the teacher solves each new question this many more times (sampled); the row is kept "
+        "only when more than half of those solutions reach its answer (else verify_consistency). 0: off.",
+    )
+    relabel: bool = Field(
+        False,
+        description="classification: the teacher labels each new input in a separate call (greedy); the row is "
+        "kept only when that label is the row's label (else verify_label).",
+    )
+
+
 class FiltersSpec(_Model):
     dedup: Literal["none", "exact", "near"] = "near"
     near_threshold: float = Field(0.95, gt=0, le=1, description="ROUGE-L F1 above which a question is a duplicate.")
     decontaminate: bool = True
     max_output_chars: int = Field(4000, ge=1)
+    verify: VerifySpec = Field(default_factory=VerifySpec, description="Checks of the teacher's answers; "
+                               "the teacher-side ones (selfConsistency, relabel) cost teacher tokens.")
 
 
 class BudgetSpec(_Model):

