@@ -19,7 +19,7 @@ from typing import Protocol
 from llm2llm import endpoints
 from llm2llm.spec import TeacherSpec
 
-from .infer import default_dtype, free_memory, has_cuda, load_hf, release_vllm
+from .infer import free_memory, has_cuda, load_hf, release_vllm, teacher_dtype
 
 log = logging.getLogger(__name__)
 # The one request that asks an OpenAI-compatible endpoint whether it honours a JSON-schema response_format
@@ -73,7 +73,7 @@ class VllmTeacher:
         # No free whitespace in JSON replies: a small model constrained to JSON otherwise spends its tokens on
         # newlines. vLLM reads this per engine only (a per-request disable_any_whitespace is ignored).
         structured = {"backend": "xgrammar", "disable_any_whitespace": True}
-        self._llm = LLM(model=model_path, dtype=dtype or default_dtype(), seed=0, max_model_len=max_model_len,
+        self._llm = LLM(model=model_path, dtype=dtype or teacher_dtype(), seed=0, max_model_len=max_model_len,
                         tensor_parallel_size=tensor_parallel, enforce_eager=not has_cuda(),
                         structured_outputs_config=structured, **extra)
 
@@ -110,7 +110,7 @@ class HfTeacher:
     """Transformers ``generate`` with the model's chat template; batches of conversations, n samples each."""
 
     def __init__(self, model_path: str, *, batch_size: int = 8, dtype: str | None = None):
-        self._tok, self._model = load_hf(model_path, None, dtype or default_dtype())
+        self._tok, self._model = load_hf(model_path, None, dtype or teacher_dtype())
         self._batch_size = batch_size
 
     def reply_format(self, wanted: str) -> str:

@@ -144,7 +144,18 @@ _OPERATOR = re.compile(r"[\d)]\s*(?:\*\*|[-+*/])\s*[-(\d]")
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 
 
+# LaTeX, as instruct models trained on MATH write it (Qwen2.5: "\\(9 \\times 2 = 18\\)", "\\frac{12}{4} = 3").
+_FRAC = re.compile(r"\\[dt]?frac\s*\{([^{}]{1,60})\}\s*\{([^{}]{1,60})\}")
+_LATEX = [(re.compile(r"\\(?:times|cdot|ast)(?![A-Za-z])"), " * "), (re.compile(r"\\div(?![A-Za-z])"), " / "),
+          (re.compile(r"\\(?:left|right)(?![A-Za-z])"), ""), (re.compile(r"\\[()\[\]]"), " "),
+          (re.compile(r"\{,\}"), ","), (re.compile(r"\\[,;!: ]"), " "), (re.compile(r"\\\$"), "$"),
+          (re.compile(r"\\text\{([^{}]*)\}"), r" \1 ")]
+
+
 def _normalise(text: str) -> str:
+    for pattern, repl in _LATEX:
+        text = pattern.sub(repl, text)
+    text = _FRAC.sub(r"(\1)/(\2)", text)
     text = _THOUSANDS.sub(lambda m: m.group(0).replace(",", ""), text)
     text = text.replace("$", "").replace("÷", "/").replace("·", "*").replace("−", "-").replace("^", "**")
     text = _TIMES.sub(" * ", text)

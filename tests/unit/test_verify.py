@@ -69,6 +69,14 @@ def test_steps_read_inline_equations_chains_and_calculator_annotations():
     assert steps("On day 2 3 + 4 = 7 pens") == [("3 + 4", "7")]  # the expression is what parses before '='
 
 
+def test_latex_steps_are_read_as_instruct_models_write_them():
+    # Qwen2.5's own replies (bench/results/teacher_dtype.json): \\( \\), \\[ \\], \\times, \\frac, {,} thousands.
+    assert steps("the total amount she makes is \\(9 \\times 2 = 18\\).") == [("9  *  2", "18")]
+    assert steps("\\[ 80{,}000 \\times 1.50 = 120,000 \\]") == [("80000  *  1.50", "120000")]
+    assert check_rationale("\\frac{12}{4} = 3 and \\dfrac{1}{2} \\cdot 10 = 5 \\\\ \\$5 \\div 2 = 2.5", "2.5") is None
+    assert check_rationale("\\text{Total} = 2 + 1 = 4", "4") == verify.ARITHMETIC
+
+
 def test_prose_units_and_fractions_are_no_steps():
     for text in ["She has 5 apples.", "20% of 50 = 10", "Total = 7", "10 apples - 4 = 6",
                  "1/2 * 1/2 = 1/4", "100/5 = 5A/5 so A = 20"]:
