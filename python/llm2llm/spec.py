@@ -150,10 +150,11 @@ class TeacherSpec(_Model):
     )
     request_timeout_seconds: float = Field(120, gt=0, le=3600)
     keep_label: bool = Field(
-        True,
+        False,
         description="classification: the teacher writes new inputs for the seed example's gold label, and each "
         "new row's label is that gold label, never the label the teacher wrote. false: the teacher writes input "
-        "and label, and its label is trained on. Ignored by other task kinds.",
+        "and label, and its label is trained on. Best with filters.verify.relabel (docs/teacher.md). Ignored by "
+        "other task kinds.",
     )
 
 

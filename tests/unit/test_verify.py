@@ -273,7 +273,8 @@ def test_teach_stage_relabels_and_the_seed_label_is_kept(teacher_server):
                         "Review: The strap broke on day one.\nSentiment:": "negative",
                         "Review: Best purchase this year.\nSentiment:": "positive"}
     res = _teach(teacher_server, task, {"id": "f1", "input": "It stopped working.", "output": "negative",
-                                        "prediction": "positive"}, filters={"verify": {"relabel": True}})
+                                        "prediction": "positive"}, filters={"verify": {"relabel": True}},
+                 teacher={"keepLabel": True})
     rows = {r["input"]: r for r in res["rows"]}
     assert {q: r["output"] for q, r in rows.items()} == {"The strap broke on day one.": "negative",
                                                           "Best purchase this year.": "negative"}  # the seed's label
