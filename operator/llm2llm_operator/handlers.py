@@ -2,6 +2,12 @@
 
 Handlers are sync (they call the blocking Kubernetes and Ray clients), so Kopf runs them in its thread
 pool; they never sleep: waiting is Kopf's job (TemporaryError delays, the timer's interval).
+
+What a new run costs the API server is what bounds a storm of them (docs/reliability.md, section 4), so the
+layer spends as few requests as it can: Kopf keeps its handler progress and last-handled spec in this
+process's memory (``_MemoryProgress``, ``_MemoryDiffBase``) rather than in annotations (one merge patch of
+the resource per reconcile saved), and a reconcile decides on Kopf's body when its status is the one this
+process wrote last (``_Written``) instead of reading the resource again.
 """
 
 from __future__ import annotations
@@ -35,21 +41,114 @@ def _lock(uid: str) -> threading.Lock:
         return _locks.setdefault(uid, threading.Lock())
 
 
+class _Written:
+    """The status this process last wrote to each run (by uid), to tell whether Kopf's body is current.
+
+    Only this operator writes a run's status, and only under the run's lock, so a body whose status is the
+    one last written here is as current as a GET would be (for the spec too: a newer spec comes with its own
+    update event). So is a body with no status of a run this process never wrote: the watch starts from a
+    consistent list, so a status another process wrote before this one started is in it. Anything else (a
+    body an event behind our last write, a write that failed or timed out and may have landed) reads the
+    resource first."""
+
+    _UNKNOWN = object()
+
+    def __init__(self) -> None:
+        self._status: dict[str, Any] = {}
+        self._guard = threading.Lock()
+
+    def current(self, uid: str, status: Any) -> bool:
+        with self._guard:
+            last = self._status.get(uid)
+        return last is not self._UNKNOWN and (last or None) == (status or None)
+
+    def wrote(self, uid: str, status: dict[str, Any] | None) -> None:
+        with self._guard:
+            self._status[uid] = status if status is not None else self._UNKNOWN
+
+    def forget(self, uid: str) -> None:
+        with self._guard:
+            self._status.pop(uid, None)
+
+
+_written = _Written()
+
+
+class _MemoryProgress(kopf.AnnotationsProgressStorage):
+    """Kopf's per-handler progress (retries, delays, success) in this process's memory, by run uid.
+
+    Persisting it in annotations costs a patch of the resource per reconcile, and it buys nothing here: a
+    restarted operator redoes a handler, which is one more level-based reconcile (deterministic job names:
+    never a second job). Only the touch that wakes a delayed retry still patches the resource (an annotation,
+    as before): it is what makes Kopf come back to the run."""
+
+    def __init__(self, prefix: str) -> None:
+        super().__init__(prefix=prefix)
+        self._records: dict[tuple[str, str], Any] = {}
+        self._guard = threading.Lock()
+
+    def fetch(self, *, key: Any, body: kopf.Body) -> Any:
+        with self._guard:
+            return self._records.get((body.metadata.uid, key))
+
+    def store(self, *, key: Any, record: Any, body: kopf.Body, patch: kopf.Patch) -> None:
+        with self._guard:
+            self._records[(body.metadata.uid, key)] = dict(record)
+
+    def purge(self, *, key: Any, body: kopf.Body, patch: kopf.Patch) -> None:
+        with self._guard:
+            self._records.pop((body.metadata.uid, key), None)
+
+    def forget(self, uid: str) -> None:
+        with self._guard:
+            for k in [k for k in self._records if k[0] == uid]:
+                del self._records[k]
+
+
+class _MemoryDiffBase(kopf.AnnotationsDiffBaseStorage):
+    """The last-handled essence (spec, labels, annotations) Kopf compares a run with to tell an update, kept in
+    this process's memory by run uid (no annotation patch). After a restart every run counts as new, and its
+    create handler reconciles it: the same level-based reconcile as resume."""
+
+    def __init__(self, prefix: str) -> None:
+        super().__init__(prefix=prefix)
+        self._essences: dict[str, Any] = {}
+        self._guard = threading.Lock()
+
+    def fetch(self, *, body: kopf.Body) -> Any:
+        with self._guard:
+            return self._essences.get(body.metadata.uid)
+
+    def store(self, *, body: kopf.Body, patch: kopf.Patch, essence: Any) -> None:
+        with self._guard:
+            self._essences[body.metadata.uid] = essence
+
+    def forget(self, uid: str) -> None:
+        with self._guard:
+            self._essences.pop(uid, None)
+
+
+_progress = _MemoryProgress(GROUP)
+_diffbase = _MemoryDiffBase(GROUP)
+
+
 def register(ctx: Context) -> None:
     """Register the handlers on Kopf's default registry (once per process)."""
     cfg = ctx.settings
 
     @kopf.on.startup(id="configure")
     def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
-        # Our status schema is strict and would prune Kopf's own status keys: keep Kopf's progress
-        # and diff-base in annotations instead.
-        settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
-        settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=GROUP)
+        # Kopf's progress and diff-base in memory (see _MemoryProgress): not in our status, whose strict
+        # schema would prune them, nor in annotations, which cost a patch of the resource per reconcile.
+        settings.persistence.progress_storage = _progress
+        settings.persistence.diffbase_storage = _diffbase
         settings.persistence.finalizer = FINALIZER
         # Our own events are explicit (one per planner event); only Kopf's warnings become events.
         settings.posting.level = logging.WARNING
         settings.posting.reporting_component = "llm2llm-operator"
-        settings.execution.max_workers = 8  # sync handlers: bounded threads (the default is CPU-based)
+        # Sync handlers: bounded threads (the default is CPU-based). A reconcile mostly waits on the API server,
+        # so a storm of new runs is absorbed as fast as there are threads to wait (docs/reliability.md, 4).
+        settings.execution.max_workers = cfg.workers
         # We watch one known resource in a fixed list of namespaces (or all): no need to scan the cluster
         # for namespaces and CRDs, which a namespaced install's RBAC (rightly) does not allow.
         settings.scanning.disabled = True
@@ -59,6 +158,11 @@ def register(ctx: Context) -> None:
     @kopf.on.update(GROUP, VERSION, PLURAL, id="reconcile", retries=EVENT_RETRIES, field="spec")
     def on_change(body: kopf.Body, logger: logging.Logger, **_: Any) -> None:
         _reconcile(body, ctx, logger, from_timer=False)
+
+    @kopf.on.event(GROUP, VERSION, PLURAL, id="submit-new")
+    def on_new(type: str, body: kopf.Body, logger: logging.Logger, **_: Any) -> None:
+        if type == "ADDED" and _brand_new(body):
+            _submit_early(body, ctx, logger)
 
     # The first tick waits an interval: at creation the event handler is already reconciling.
     @kopf.timer(GROUP, VERSION, PLURAL, id="timer", interval=cfg.interval, initial_delay=cfg.interval)
@@ -85,6 +189,42 @@ def register(ctx: Context) -> None:
         metrics.set_phase(uid, None)
         with _locks_guard:
             _locks.pop(uid, None)
+        _written.forget(uid)
+        _progress.forget(uid)
+        _diffbase.forget(uid)
+
+
+def _brand_new(body: kopf.Body) -> bool:
+    """Created just now: Kopf has not handled it yet (no finalizer), nothing has written its status."""
+    meta = body.metadata
+    return (not body.get("status") and FINALIZER not in (meta.get("finalizers") or [])
+            and not meta.get("deletionTimestamp") and not (body.get("spec") or {}).get("tracking"))
+
+
+def _submit_early(body: kopf.Body, ctx: Context, logger: logging.Logger) -> None:
+    """A new run's first job, submitted in the cycle of the event that announced the run. Kopf runs the create
+    handler only in the next cycle, after its finalizer patch has come back through the watch: under a storm of
+    new runs that round trip was most of the wait for the first job. This is the reconcile the create handler
+    would do; its outcome is then dropped, and the create handler, reconciling from the same empty status,
+    plans the same launch, meets the job (AlreadyExists) and writes the status and events (level-based: the
+    crash window "job created, status not yet written", on purpose). Runs with MLflow tracking wait for the
+    create handler (a tracker's first update is not to be thrown away); a busy or failing early reconcile is
+    simply left to it."""
+    meta = body.metadata
+    lock = _lock(meta.uid)
+    if not lock.acquire(blocking=False):
+        return
+    started = time.monotonic()
+    try:
+        outcome = reconcile(dict(body), ctx)
+        if outcome.submitted:
+            metrics.JOBS_SUBMITTED.labels(launcher=outcome.launcher or "unknown").inc()
+            logger.info("submitted %s", getattr(outcome.action, "name", "?"))
+    except Transient as err:
+        logger.debug("early submit left to the create handler: %s", err)
+    finally:
+        lock.release()
+        metrics.RECONCILE_SECONDS.observe(time.monotonic() - started)
 
 
 def _reconcile(body: kopf.Body, ctx: Context, logger: logging.Logger, from_timer: bool) -> None:
@@ -96,13 +236,19 @@ def _reconcile(body: kopf.Body, ctx: Context, logger: logging.Logger, from_timer
         raise kopf.TemporaryError("another reconcile of this run is in progress", delay=BUSY_DELAY)
     started = time.monotonic()
     try:
-        # Kopf's body may be a watch event behind: decide on the latest resource.
-        fresh = _get(ctx, meta.namespace, meta.name)
-        if fresh is None or fresh["metadata"]["uid"] != meta.uid:
-            return
+        # Kopf's body may be a watch event behind our last status write: then decide on the latest resource.
+        # (dict(body) pins the raw event: Kopf replaces a live body's content with each new event, never mutates it.)
+        fresh: dict[str, Any] | None = dict(body)
+        if not _written.current(meta.uid, body.get("status")):
+            fresh = _read(ctx, meta.namespace, meta.name)
+            if fresh is None or fresh["metadata"]["uid"] != meta.uid:
+                return
         outcome = reconcile(fresh, ctx)
         if outcome.status is not None:
-            _write_status(ctx, fresh, outcome.status)
+            _written.wrote(meta.uid, None)  # until the write is known to have landed (or not)
+            _written.wrote(meta.uid, _write_status(ctx, fresh, outcome.status))
+        elif fresh.get("status") and not _written.current(meta.uid, fresh.get("status")):
+            _written.wrote(meta.uid, fresh["status"])  # read from the server: the current status
         for ev in outcome.events:
             kopf.event(fresh, type="Warning" if ev.warning else "Normal", reason=ev.reason, message=ev.message)
         if outcome.submitted:
@@ -130,29 +276,32 @@ def _reconcile(body: kopf.Body, ctx: Context, logger: logging.Logger, from_timer
         metrics.RECONCILE_SECONDS.observe(time.monotonic() - started)
 
 
-def _get(ctx: Context, ns: str, name: str) -> dict[str, Any] | None:
+def _read(ctx: Context, ns: str, name: str) -> dict[str, Any] | None:
+    """The run as the server holds it now. A list by name rather than a GET: this read is the exception (a body
+    behind this process's last status write, the first reconcile of a run after a restart), and list is what
+    Kopf's watch needs anyway, so the chart grants no verb for it alone (list covers get)."""
     try:
-        return ctx.custom.get_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, name)
+        items = ctx.custom.list_namespaced_custom_object(GROUP, VERSION, ns, PLURAL,
+                                                         field_selector=f"metadata.name={name}")["items"]
+        return items[0] if items else None
     except ApiException as err:
-        if err.status == 404:
-            return None
         raise Transient(f"cannot read {ns}/{name}: {err.status} {err.reason}") from err
     except OSError as err:
         raise Transient(f"cannot read {ns}/{name}: {err}") from err
 
 
-def _write_status(ctx: Context, body: dict[str, Any], status: dict[str, Any]) -> None:
-    """Replace the status through the status subresource. A merge patch replaces lists whole; keys
-    that disappeared are nulled. Unconditional on purpose: this operator is the only status writer and
-    the per-run lock serializes it, while Kopf's own annotation patches would make a resourceVersion
-    precondition fail for nothing. A spec change meanwhile shows as an older observedGeneration, and
-    the update handler reconciles again."""
+def _write_status(ctx: Context, body: dict[str, Any], status: dict[str, Any]) -> dict[str, Any] | None:
+    """Replace the status through the status subresource; returns the status the server now holds. A merge
+    patch replaces lists whole; keys that disappeared are nulled. Unconditional on purpose: this operator is
+    the only status writer and the per-run lock serializes it, while Kopf's own patches (the finalizer, a
+    retry's touch) would make a resourceVersion precondition fail for nothing. A spec change meanwhile shows
+    as an older observedGeneration, and the update handler reconciles again."""
     meta = body["metadata"]
     patch: dict[str, Any] = dict(status)
     for key in body.get("status") or {}:
         patch.setdefault(key, None)
     try:
-        ctx.custom.patch_namespaced_custom_object_status(
+        written = ctx.custom.patch_namespaced_custom_object_status(
             GROUP, VERSION, meta["namespace"], PLURAL, meta["name"],
             {"status": patch},
             _content_type="application/merge-patch+json")
@@ -160,3 +309,4 @@ def _write_status(ctx: Context, body: dict[str, Any], status: dict[str, Any]) ->
         raise Transient(f"cannot write status: {err.status} {err.reason}: {err.body}") from err
     except OSError as err:
         raise Transient(f"cannot write status: {err}") from err
+    return (written or {}).get("status") if isinstance(written, dict) else None

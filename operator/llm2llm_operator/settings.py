@@ -17,6 +17,7 @@ class Settings:
     default_launcher: str = "rayjob"  # for runs whose spec.ray.launcher is `local`
     ray_address: str | None = None  # default Ray dashboard address for jobs-api runs
     interval: float = 30.0  # reconcile timer, seconds
+    workers: int = 32  # handler threads (each reconcile mostly waits on the API server)
     job_python: str = "python"  # interpreter in the job entrypoint (spec.ray.python wins)
     base_dir: str | None = None  # relative local paths in a spec resolve against this
     metrics_port: int = 8000  # 0: no metrics server
@@ -55,6 +56,9 @@ def parse_args(argv: list[str] | None = None) -> Settings:
                    help="default Ray dashboard address for jobs-api runs, e.g. http://head:8265 ($LLM2LLM_RAY_ADDRESS)")
     p.add_argument("--interval", type=float, default=float(_env("RECONCILE_INTERVAL", "30")),
                    help="seconds between reconciles of each run ($LLM2LLM_RECONCILE_INTERVAL)")
+    p.add_argument("--workers", type=int, default=int(_env("WORKERS", "32")),
+                   help="reconciles that may run at once, across all runs; each mostly waits on the API server "
+                        "($LLM2LLM_WORKERS)")
     p.add_argument("--job-python", default=_env("JOB_PYTHON", "python"),
                    help="interpreter of the job entrypoint; use an absolute path ($LLM2LLM_JOB_PYTHON)")
     p.add_argument("--base-dir", default=_env("BASE_DIR"),
@@ -77,6 +81,8 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     a = p.parse_args(argv)
     if a.interval <= 0:
         p.error("--interval must be positive")
+    if a.workers < 1:
+        p.error("--workers must be at least 1")
     namespaces: list[str] = [] if a.all_namespaces else (a.namespaces or [])
     if not a.all_namespaces and not namespaces:
         namespaces = [n.strip() for n in (_env("NAMESPACES") or "").split(",") if n.strip()]
@@ -89,7 +95,7 @@ def parse_args(argv: list[str] | None = None) -> Settings:
             p.error(f"--allowed-ray-address: {err}")
     return Settings(
         namespaces=tuple(namespaces), default_launcher=a.default_launcher, ray_address=a.ray_address,
-        interval=a.interval, job_python=a.job_python, base_dir=base_dir, metrics_port=a.metrics_port,
+        interval=a.interval, workers=a.workers, job_python=a.job_python, base_dir=base_dir, metrics_port=a.metrics_port,
         liveness=a.liveness, peering=a.peering, priority=a.priority, verbose=a.verbose,
         allowed_ray_addresses=ray_addresses, allowed_cluster_templates=tuple(a.templates or _list("ALLOWED_CLUSTER_TEMPLATES")),
     )

@@ -174,6 +174,8 @@ BAD_VALUES = [  # (id, --set arguments, words the error must contain)
     ("no-memory-limit", ["--set", "resources.limits=null"], ["resources.limits.memory must be set"]),
     ("replicas-without-peering", ["--set", "replicaCount=2"], ["replicaCount=2 needs peering.name"]),
     ("interval-zero", ["--set", "operator.reconcileInterval=0"], ["operator.reconcileInterval must be a number of seconds > 0"]),
+    ("workers-zero", ["--set", "operator.workers=0"], ["operator.workers must be an integer >= 1"]),
+    ("workers-fraction", ["--set", "operator.workers=2.5"], ["operator.workers must be an integer >= 1"]),
     ("relative-base-dir", ["--set", "operator.baseDir=data"], ["operator.baseDir must be an absolute path"]),
     ("port-clash", ["--set", "health.port=8000"], ["health.port and metrics.port must differ"]),
     ("port-range", ["--set", "metrics.port=70000"], ["metrics.port must be a port number"]),
@@ -293,7 +295,7 @@ def test_helm_install_upgrade_uninstall(control_plane, augrun_crd, namespace, tm
          "--set", "operator.reconcileInterval=10")
     dep = json.loads(kubectl("get", "deploy", f"{release}-llm2llm-operator", "-n", namespace, "-o", "json").stdout)
     env = {e["name"]: e.get("value") for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]}
-    assert env["LLM2LLM_RECONCILE_INTERVAL"] == "10"
+    assert env["LLM2LLM_RECONCILE_INTERVAL"] == "10" and env["LLM2LLM_WORKERS"] == "32"
     live = json.loads(kubectl("get", "crd", augrun_crd, "-o", "json").stdout)
     assert "llm2llm.io/chart-test" not in (live["metadata"].get("annotations") or {})
 
@@ -736,7 +738,6 @@ def test_operator_completes_a_run_cluster_wide(strict_plane, tmp_path, capsys):
 
 # Where the flow must break without each verb: proves the verb is used, and for what.
 BREAKS_AT = {
-    ("llm2llm.io", "augmentationruns", "get"): "the first RayJob (Secret and template checked)",
     ("llm2llm.io", "augmentationruns", "list"): "Kopf adds its finalizer",
     ("llm2llm.io", "augmentationruns", "watch"): "Kopf adds its finalizer",
     ("llm2llm.io", "augmentationruns", "patch"): "Kopf adds its finalizer",

@@ -38,6 +38,9 @@ Each message names the key and says what is expected.
 {{- if or (not (or (kindIs "float64" $o.reconcileInterval) (kindIs "int64" $o.reconcileInterval) (kindIs "int" $o.reconcileInterval))) (le (float64 $o.reconcileInterval) 0.0) }}
 {{- fail (printf "%s operator.reconcileInterval must be a number of seconds > 0, got %v" $p $o.reconcileInterval) }}
 {{- end }}
+{{- if or (not (or (kindIs "float64" $o.workers) (kindIs "int64" $o.workers) (kindIs "int" $o.workers))) (lt (float64 $o.workers) 1.0) (ne (float64 $o.workers) (float64 (int64 $o.workers))) }}
+{{- fail (printf "%s operator.workers must be an integer >= 1, got %v" $p $o.workers) }}
+{{- end }}
 {{- if and $o.baseDir (not (hasPrefix "/" (toString $o.baseDir))) }}
 {{- fail (printf "%s operator.baseDir must be an absolute path, got %q" $p (toString $o.baseDir)) }}
 {{- end }}
