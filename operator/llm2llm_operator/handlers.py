@@ -159,9 +159,10 @@ def register(ctx: Context) -> None:
     def on_change(body: kopf.Body, logger: logging.Logger, **_: Any) -> None:
         _reconcile(body, ctx, logger, from_timer=False)
 
+    # type None: the listing Kopf starts its watch with (runs created while the operator was starting up).
     @kopf.on.event(GROUP, VERSION, PLURAL, id="submit-new")
-    def on_new(type: str, body: kopf.Body, logger: logging.Logger, **_: Any) -> None:
-        if type == "ADDED" and _brand_new(body):
+    def on_new(type: str | None, body: kopf.Body, logger: logging.Logger, **_: Any) -> None:
+        if type in ("ADDED", None) and _brand_new(body):
             _submit_early(body, ctx, logger)
 
     # The first tick waits an interval: at creation the event handler is already reconciling.

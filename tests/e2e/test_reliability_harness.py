@@ -1,17 +1,20 @@
 """Helpers shared by the reliability e2e tests (no tests here): a kubectl with its own discovery cache, a
-recorder of every RayJob ever created (a watch), an RSS sampler and a health prober for the operator process,
-and a scanner for secret values. The operator subprocess itself is test_operator_harness.Operator."""
+recorder of every RayJob ever created (a watch), an RSS sampler, a CPU meter and a health prober for the
+operator process, the API server's request counts, and a scanner for secret values. The operator subprocess itself is test_operator_harness.Operator."""
 
 from __future__ import annotations
 
 import base64
 import json
 import os
+import re
+import ssl
 import statistics
 import subprocess
 import threading
 import time
 import urllib.request
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -167,6 +170,50 @@ class RssSampler:
     @property
     def peak(self) -> int:
         return max(self.samples, default=0)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a process has used (/proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class CpuMeter:
+    """CPU seconds each named process used between start() and stop(), and the machine's load around it: what
+    a latency measured on a shared machine means depends on both."""
+
+    def __init__(self, pids: dict[str, int]):
+        self.pids = dict(pids)
+        self.used: dict[str, float] = {}
+
+    def start(self) -> "CpuMeter":
+        self._t0, self._load0 = time.monotonic(), os.getloadavg()[0]
+        self._c0 = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
+        return self
+
+    def stop(self) -> "CpuMeter":
+        self.wall = time.monotonic() - self._t0
+        self.used = {name: round(cpu_seconds(pid) - self._c0[name], 2) for name, pid in self.pids.items()}
+        self.load = (round(self._load0, 2), round(os.getloadavg()[0], 2))
+        return self
+
+    def __str__(self) -> str:
+        parts = ", ".join(f"{name} {sec:.1f}s" for name, sec in self.used.items())
+        return f"CPU in {self.wall:.1f}s: {parts}; 1-min load {self.load[0]} -> {self.load[1]} ({os.cpu_count()} cores)"
+
+
+def apiserver_requests(cp) -> Counter:
+    """(verb, resource, subresource) -> requests the API server has answered so far, from its /metrics."""
+    req = urllib.request.Request(cp.server + "/metrics", headers={"Authorization": f"Bearer {cp.token}"})
+    with urllib.request.urlopen(req, timeout=10, context=ssl.create_default_context(cafile=str(cp.ca_file))) as r:
+        text = r.read().decode()
+    counts: Counter = Counter()
+    for line in text.splitlines():
+        if line.startswith("apiserver_request_total{"):
+            labels, value = line.rsplit(" ", 1)
+            lab = dict(re.findall(r'(\w+)="([^"]*)"', labels))
+            counts[(lab.get("verb"), lab.get("resource"), lab.get("subresource", ""))] += int(float(value))
+    return counts
 
 
 class HealthProber:

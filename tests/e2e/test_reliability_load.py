@@ -2,12 +2,15 @@
 
 Nothing runs RayJobs here, so "submitted" means the RayJob object exists. A watch records every RayJob ever
 created (with a monotonic timestamp), a thread samples the operator's RSS from /proc, another probes its
-liveness endpoint. Asserted: each run's first RayJob is created exactly once, the operator stays live and
-keeps up (a run created right after the storm, and one created once it settled, get their RayJob within a
-bound), and its memory stays bounded. The figures are printed (and recorded in docs/reliability.md).
+liveness endpoint; the CPU the operator, the API server and etcd used and the machine's load are recorded,
+and the API server's own request counts. Asserted: each run's first RayJob is created exactly once, the
+operator stays live and keeps up (a run created right after the storm, and one created once it settled, get
+their RayJob within a bound), its memory stays under 250 MB, and a new run costs the API server no more
+requests than it should (what keeps a storm fast: docs/reliability.md, section 4). The figures are printed
+(and recorded there). Latency itself is a benchmark here, not a timed assertion: the machine is shared.
 
-LLM2LLM_LOAD_RUNS (default 200) sets the storm's size; LLM2LLM_LOAD_INTERVAL (default 10) the operator's
---interval (production default: 30).
+The CI size is 60 runs with --interval 5 (about 25 s). The full size of docs/reliability.md:
+LLM2LLM_LOAD_RUNS=200 LLM2LLM_LOAD_INTERVAL=10 (production --interval: 30).
 """
 
 from __future__ import annotations
@@ -24,18 +27,24 @@ from llm2llm.planner import job_name
 from llm2llm.spec import GROUP, PLURAL, VERSION
 from tests.e2e.test_operator_harness import Api, augrun_crd, run_doc, wait_for  # noqa: F401
 from tests.e2e.test_reliability_harness import (LABEL_ATTEMPT, LABEL_ITERATION, LABEL_RUN, LABEL_RUN_UID,
-                                                HealthProber, RayJobRecorder, RssSampler, percentile, start_operator,
-                                                summary)
+                                                CpuMeter, HealthProber, RayJobRecorder, RssSampler,
+                                                apiserver_requests, percentile, start_operator, summary)
 
-RUNS = int(os.environ.get("LLM2LLM_LOAD_RUNS", "200"))
-INTERVAL = float(os.environ.get("LLM2LLM_LOAD_INTERVAL", "10"))
+RUNS = int(os.environ.get("LLM2LLM_LOAD_RUNS", "60"))
+INTERVAL = float(os.environ.get("LLM2LLM_LOAD_INTERVAL", "5"))
 CLIENT_THREADS = 8
-# Bounds, from measurements on a shared 2-core machine (docs/reliability.md), with headroom.
+# Bounds, from measurements on a shared 2-core machine (docs/reliability.md), with headroom for its load.
 STORM_DEADLINE_S = 240  # every run of the storm has its RayJob
 PROBE_AFTER_STORM_S = 120  # a run created right behind the storm
 PROBE_SETTLED_S = 10  # a run created once the storm is absorbed
 HEALTH_MAX_S = 5  # any one liveness answer
-RSS_MAX = 512 * 2**20
+RSS_MAX = 250 * 10**6  # the goal of issue 14: under 250 MB
+# API requests per new run, up to the point its RayJob exists: RayJob create (twice: the early submit, then the
+# create handler's AlreadyExists), one patch of the run (Kopf's finalizer), one status patch, one Event, no
+# read of the run. With slack for retries under load; the figures before section 4's changes were 2 patches
+# and 1 GET of the run per run.
+PER_RUN_MAX = {("PATCH", "augmentationruns", ""): 1.25, ("PATCH", "augmentationruns", "status"): 1.25,
+               ("POST", "rayjobs", ""): 2.25, ("READ", "augmentationruns", ""): 0.1}
 
 
 def test_storm_of_runs(control_plane, augrun_crd, namespace, tmp_path, capsys):  # noqa: F811
@@ -47,10 +56,14 @@ def test_storm_of_runs(control_plane, augrun_crd, namespace, tmp_path, capsys): 
     # One client per thread (urllib3's default pool would make them queue).
     pool_apis = [client.CustomObjectsApi(k8s_config.new_client_from_config(str(control_plane.kubeconfig)))
                  for _ in range(CLIENT_THREADS)]
+    cpu = CpuMeter({"operator": op.proc.pid, "kube-apiserver": control_plane.cp.pids["kube-apiserver"],
+                    "etcd": control_plane.cp.pids["etcd"]})
     try:
         with RayJobRecorder(control_plane, namespace) as rec, RssSampler(op.proc.pid) as rss, \
                 HealthProber(op.health_port) as health:
             baseline_rss = rss.samples[0]
+            requests_before = apiserver_requests(control_plane.cp)
+            cpu.start()
 
             def create(i: int) -> None:
                 doc = docs[i]
@@ -76,9 +89,20 @@ def test_storm_of_runs(control_plane, augrun_crd, namespace, tmp_path, capsys): 
                     first_at.setdefault(s.name, s.at)
                 return len(first_at) >= RUNS + 1
 
-            wait_for(all_submitted, f"{RUNS + 1} RayJobs", STORM_DEADLINE_S, every=0.5)
+            wait_for(all_submitted, f"{RUNS + 1} RayJobs", STORM_DEADLINE_S, every=0.05)
             storm_done = time.monotonic() - storm_start
+            cpu.stop()
             behind_latency = first_at[behind_job] - t_behind
+            # Every run's status written (its create handler done): then count what the storm cost the API server.
+            polls = []
+
+            def all_recorded():
+                polls.append(1)
+                items = api.custom.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)["items"]
+                return all((r.get("status") or {}).get("jobs") for r in items)
+
+            wait_for(all_recorded, "every run's status", STORM_DEADLINE_S, every=0.5)
+            requests = apiserver_requests(control_plane.cp) - requests_before
 
             # Let every run's timer fire at least twice more: a second RayJob would show up now.
             time.sleep(2 * INTERVAL + 1)
@@ -116,14 +140,22 @@ def test_storm_of_runs(control_plane, augrun_crd, namespace, tmp_path, capsys): 
 
     latencies = [first_at[expected[n]] - t0 for n, (t0, _) in created.items()]
     coarse = {s.name: s.created for s in seen}
+    runs_made = RUNS + 1  # the storm and the run behind it
+    for verb in ("GET", "LIST"):  # a list by name is counted as a GET by the API server
+        requests[("READ", "augmentationruns", "")] += requests.pop((verb, "augmentationruns", ""), 0)
+    requests[("READ", "augmentationruns", "")] -= len(polls)  # the test's own listings of the runs' statuses
+    per_run = {key: requests.get(key, 0) / runs_made for key in PER_RUN_MAX}
     with capsys.disabled():
         print(f"\nload: {RUNS} runs sent in {storm_sent:.1f}s by {CLIENT_THREADS} threads; all RayJobs after "
-              f"{storm_done:.1f}s (operator --interval {INTERVAL:g})")
+              f"{storm_done:.1f}s (operator --interval {INTERVAL:g}, --workers default)")
         print(f"  create -> RayJob (watch, monotonic): {summary(latencies)}")
         print(f"  run behind the storm: {behind_latency:.2f}s; run after it settled: {settled_latency:.2f}s")
         print(f"  liveness: {summary(health.latencies)}, failures {len(health.failures)}")
         print(f"  operator RSS: baseline {baseline_rss / 2**20:.0f} MiB, peak {rss_peak / 2**20:.0f} MiB "
-              f"({len(rss.samples)} samples)")
+              f"({rss_peak / 1e6:.0f} MB; {len(rss.samples)} samples)")
+        print(f"  {cpu}")
+        print("  API requests per new run: " + ", ".join(f"{v} {r}{'/' + sub if sub else ''} {n:.2f}"
+                                                         for (v, r, sub), n in sorted(per_run.items())))
         print(f"  RayJob creationTimestamps span {min(coarse.values())} .. {max(coarse.values())}")
     assert health.failures == [] and len(health.latencies) >= 5
     assert max(health.latencies) < HEALTH_MAX_S, summary(health.latencies)
@@ -131,3 +163,5 @@ def test_storm_of_runs(control_plane, augrun_crd, namespace, tmp_path, capsys): 
     assert settled_latency < PROBE_SETTLED_S
     assert rss_peak < RSS_MAX, rss_peak
     assert percentile(latencies, 99) < STORM_DEADLINE_S
+    for key, bound in PER_RUN_MAX.items():
+        assert per_run[key] <= bound, (key, per_run[key], dict(requests))
