@@ -33,13 +33,14 @@ import os
 import posixpath
 import time
 import uuid
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import fsspec
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from .status import IterationStatus
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 MARKER = "_DONE.json"
 ITERATION_MARKER = "_ITERATION.json"
@@ -150,11 +151,17 @@ class RunStorage:
             raise CorruptFile(f"corrupt JSON in {path}: {err}") from err
 
     def write_table(self, path: str, table: pa.Table) -> None:
+        # pyarrow on first use only: the operator, which reads markers but never a table, saves its ~45 MiB.
+        import pyarrow.parquet as pq
+
         buf = io.BytesIO()
         pq.write_table(table, buf, compression="zstd")
         self.write_bytes(path, buf.getvalue())
 
     def read_table(self, path: str, schema: pa.Schema | None = None) -> pa.Table:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
         self._fresh(path)
         try:
             with self.fs.open(path, "rb") as f:

@@ -29,3 +29,13 @@ def test_operator_never_imports_ray_train():
                 names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
             offenders += [f"{path.name}: {n}" for n in names if n == "ray.train" or n.startswith("ray.train.")]
     assert offenders == []
+
+
+def test_the_operator_process_loads_no_data_libraries():
+    # Its memory is a bar (< 250 MB with 200 runs, docs/reliability.md section 4): pyarrow and numpy alone were
+    # ~45 MiB of it, and the operator reads JSON markers, never a table. Checked in a fresh interpreter.
+    code = ("import sys, llm2llm_operator.__main__; "
+            "print(','.join(m for m in ('pyarrow', 'numpy', 'pandas', 'ray', 'torch', 'mlflow') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == ""
