@@ -119,13 +119,15 @@ def infer_shard(model: str, prompts: list[str], adapter: str | None, max_tokens:
 
 def teach_shard(spec: dict, model_path: str | None, failures: list[dict], existing: list[str], held_out: list[str],
                 iteration: int, shard: int, token_budget: int | None, api_key_env: str,
-                examples: list[list[str]] | None = None, reply_format: str | None = None) -> dict[str, Any]:
+                examples: list[list[str]] | None = None, reply_format: str | None = None,
+                engine: Any = None) -> dict[str, Any]:
     """Ask the teacher for samplesPerFailure new examples per failure, in bounded rounds: a failure whose
     candidates were all rejected is asked again, up to teacher.maxRounds. Returns GENERATED rows (every
     candidate, kept or not: the filter stage makes the final, deterministic call), token counts and the reply
     format used. ``examples``: the seed rows of the teacher's worked example (tasks.demonstration_rows).
     ``reply_format``: the format an earlier iteration of the run settled on (no need to ask the endpoint
-    again); None: "json" when teacher.structuredOutput and the backend can constrain replies, else "text"."""
+    again); None: "json" when teacher.structuredOutput and the backend can constrain replies, else "text".
+    ``engine``: the run's warm teacher engine (llm2llm_jobs.engines), instead of building one here."""
     from . import filter as flt
     from .clock import Clock, TimedTeacher
     from .teach import make_teacher
@@ -137,8 +139,8 @@ def teach_shard(spec: dict, model_path: str | None, failures: list[dict], existi
     api_key = os.environ.get(api_key_env) or None
     clock = Clock()
     with clock.engine():
-        teacher = TimedTeacher(make_teacher(t, model_path, api_key, key_pins=os.environ.get(API_KEY_ENDPOINTS_ENV)),
-                               clock)
+        teacher = TimedTeacher(make_teacher(t, model_path, api_key, key_pins=os.environ.get(API_KEY_ENDPOINTS_ENV),
+                                            engine=engine), clock)
     judge = flt.CandidateFilter(task, run.filters, t.samples_per_failure, existing=existing, held_out=held_out)
     need = {f["id"]: t.samples_per_failure for f in failures}
     rows: list[dict] = []

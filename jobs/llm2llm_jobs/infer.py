@@ -117,6 +117,11 @@ def _log_speed(backend: str, load_s: float, gen_s: float, tokens: int) -> None:
 _LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the values vLLM accepts for max_lora_rank
 
 
+def lora_rank(r: int) -> int:
+    """The smallest max_lora_rank vLLM accepts that holds an adapter of rank ``r``."""
+    return next((v for v in _LORA_RANKS if v >= r), _LORA_RANKS[-1])
+
+
 def _max_model_len(model: str, prompts: list[str], max_tokens: int) -> int:
     """Enough for the longest prompt plus max_tokens (rounded up), within the model's own limit. A modest
     length keeps vLLM's per-sequence KV reservation small on CPU."""
@@ -155,7 +160,7 @@ def _generate_vllm(model_path, prompts, adapter_path, max_tokens, batch_size, st
     if adapter:
         rank = json.loads((Path(adapter) / "adapter_config.json").read_text())["r"]
         lora = {"enable_lora": True, "max_loras": 1,
-                "max_lora_rank": next((r for r in _LORA_RANKS if r >= rank), _LORA_RANKS[-1])}
+                "max_lora_rank": lora_rank(rank)}
     start = time.monotonic()
     with clock.engine():
         llm = LLM(

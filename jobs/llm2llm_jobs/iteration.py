@@ -112,7 +112,11 @@ class Iteration:
         model_dir = "model" if self.store.is_local else f"model-a{self.attempt}"
         remote = self._path("train", model_dir)
         out = f"{stage}/.model-a{self.attempt}" if self.store.is_local else str(self.scratch / "train-model")
-        result = run_train(TrainConfig.from_spec(self.spec.student, out, self.store.uri(*ray_parts)), pairs)
+        import ray
+
+        warm = self.uid if self.spec.ray.keep_warm and ray.is_initialized() else None  # the run's warm trainers
+        result = run_train(TrainConfig.from_spec(self.spec.student, out, self.store.uri(*ray_parts)), pairs,
+                           warm_run=warm)
         if self.store.is_local:
             try:
                 os.rename(out, remote)  # atomic: a half-copied model can never sit behind a marker
@@ -142,13 +146,24 @@ class Iteration:
             rows += [("test", r) for r in test.to_pylist()]
         inf = self.spec.infer
         parts = fanout.shards(rows, inf.replicas)
-        results = fanout.run_tasks(
-            "llm2llm_jobs.fanout:infer_shard",
-            [dict(model=self.spec.student.model, prompts=[self.task.prompt(r["input"]) for _, r in part],
-                  adapter=adapter, max_tokens=inf.max_tokens, backend=inf.backend, batch_size=inf.batch_size)
-             for part in parts],
-            gpus=1 if self._gpus() else 0,
-        )
+        prompts = [[self.task.prompt(r["input"]) for _, r in part] for part in parts]
+        warm = self._engines("student", len(parts))
+        if warm is not None:
+            # The run's warm base-model engines, each loading this iteration's adapter.
+            handles, used = warm
+            import ray
+
+            got = ray.get([h.generate.remote(p, inf.max_tokens, adapter) for h, p in zip(handles, prompts)])
+            results = [(texts, "vllm", {"generate_spans": [span], "engine_seconds": _started(info)})
+                       for (texts, span), info in zip(got, used)]
+        else:
+            results = fanout.run_tasks(
+                "llm2llm_jobs.fanout:infer_shard",
+                [dict(model=self.spec.student.model, prompts=p, adapter=adapter, max_tokens=inf.max_tokens,
+                      backend=inf.backend, batch_size=inf.batch_size) for p in prompts],
+                gpus=1 if self._gpus() else 0,
+            )
+            used = []
         out = []
         for part, (texts, backend, _) in zip(parts, results):
             out += [{"id": r["id"], "split": split, "input": r["input"], "output": r["output"], "prediction": t,
@@ -156,7 +171,7 @@ class Iteration:
         preds = table(out, PREDICTIONS)
         self.store.write_table(self._path("infer", "predictions.parquet"), preds)
         return {"rows": preds.num_rows, "replicas": len(parts), "backend": ",".join(sorted({r[1] for r in results})),
-                **clock.stage_figures([r[2] for r in results])}
+                **clock.stage_figures([r[2] for r in results]), **({"engines": used} if used else {})}
 
     def score(self) -> dict[str, Any]:
         preds = self.store.read_table(self._path("infer", "predictions.parquet"), PREDICTIONS)
@@ -175,6 +190,8 @@ class Iteration:
         # Each replica's output is its own committed file: a retried job redoes only missing shards.
         todo = [k for k in range(len(groups)) if not self.store.exists(self._path("teach", f"shard-{k}.json"))]
         ran: list[dict[str, Any]] = []  # the timings of the shards this attempt ran (clock.stage_figures)
+        warm = self._engines("teacher", len(todo)) if todo else None
+        handles, used = warm if warm is not None else ([None] * len(todo), [])
 
         def commit(j: int, res: dict[str, Any]) -> None:
             # As each shard finishes, not after all: a job that dies while another shard still runs keeps it.
@@ -189,9 +206,9 @@ class Iteration:
             [dict(spec=self.spec.model_dump(mode="json", by_alias=True), model_path=None, failures=groups[k],
                   existing=existing, held_out=held_out, iteration=self.i, shard=k, token_budget=share,
                   api_key_env=API_KEY_ENV, examples=[list(e) for e in self._demonstration()],
-                  reply_format=self._known_reply_format()) for k in todo],
-            # An OpenAI-compatible teacher runs elsewhere: its shards hold no GPU here.
-            gpus=t.tensor_parallel if self._gpus() and t.kind != "openai" else 0, on_result=commit,
+                  reply_format=self._known_reply_format(), engine=h) for k, h in zip(todo, handles)],
+            # An OpenAI-compatible teacher runs elsewhere, a warm engine holds its own: no GPU for the shard.
+            gpus=t.tensor_parallel if self._gpus() and t.kind != "openai" and warm is None else 0, on_result=commit,
         )
         rows, totals = [], {"prompt_tokens": 0, "completion_tokens": 0, "stopped": None, "reply_format": None}
         for k in range(len(groups)):
@@ -203,8 +220,32 @@ class Iteration:
             totals["reply_format"] = totals["reply_format"] or res.get("reply_format")
         gen = pa.concat_tables(rows) if rows else GENERATED.empty_table()
         self.store.write_table(self._path("teach", "generated.parquet"), gen)
+        figures = clock.stage_figures(ran)
+        if used:  # a warm engine's start is the stage's engine time (the shards' own is 0)
+            figures["engine_seconds"] = max(_started(info) for info in used)
         return {"failures": _seed_failures(scored), "selected": len(failures), "replicas": len(groups),
-                "candidates": gen.num_rows, **totals, **clock.stage_figures(ran)}
+                "candidates": gen.num_rows, **totals, **figures, **({"engines": used} if used else {})}
+
+    def _engines(self, role: str, replicas: int) -> tuple[list[Any], list[dict[str, Any]]] | None:
+        """The run's warm engines for ``role`` (student: failure inference with the iteration's LoRA adapter;
+        teacher), one per replica, or None when this stage builds its own engines as before: ray.keepWarm off,
+        no Ray, another backend, or a full fine-tune (no adapter to load into a base engine)."""
+        import ray
+
+        spec = engine_spec(self.spec, role)
+        if spec is None or not ray.is_initialized():
+            return None
+        from . import engines
+
+        gpus = (1 if role == "student" else spec.tensor_parallel) if self._gpus() else 0
+        try:
+            got = [engines.acquire(self.uid, spec, k, gpus=gpus) for k in range(replicas)]
+        except Exception as err:  # noqa: BLE001 - an engine that cannot start: the stage's own backends decide
+            if role == "student" and self.spec.infer.backend == "auto":
+                log.warning("no warm vLLM engine (%s): %s; failure inference builds its own", type(err).__name__, err)
+                return None
+            raise
+        return [h for h, _ in got], [{k: v for k, v in info.items() if k != "key"} for _, info in got]
 
     def filter(self, train_rows: pa.Table) -> dict[str, Any]:
         gen = self.store.read_table(self._path("teach", "generated.parquet"), GENERATED)
@@ -313,7 +354,54 @@ class Iteration:
                 it.datasets[stage] = self.store.uri(f"iter-{self.i}", stage)
         it.finished_at = now()
         self.store.write_iteration(it)
+        if it.stop_reason is not None:
+            self._release_engines()  # the run ends with this iteration: its warm engines go
         return it
+
+    def _release_engines(self) -> None:
+        import ray
+
+        if not ray.is_initialized():
+            return
+        from . import engines
+
+        try:
+            gone = engines.release(self.uid)
+        except Exception as err:  # noqa: BLE001 - the iteration is committed; idle engines exit on their own
+            log.warning("could not remove the run's engines (they exit after %s s idle): %s",
+                        engines.IDLE_SECONDS, err)
+            return
+        if gone:
+            log.info("removed the run's engines: %s", ", ".join(gone))
+
+
+def engine_spec(spec: AugmentationRunSpec, role: str):
+    """The warm engine a stage of this run uses (llm2llm_jobs.engines.EngineSpec), or None. The teacher shares
+    the student's engine when it would be the same engine anyway (one model, one dtype)."""
+    from .engines import EngineSpec
+    from .infer import default_dtype, lora_rank, teacher_dtype
+
+    if not spec.ray.keep_warm:
+        return None
+    st = spec.student
+    student = None
+    if spec.infer.backend in ("auto", "vllm") and st.method == "lora":
+        student = EngineSpec(model=st.model, dtype=default_dtype(), max_lora_rank=lora_rank(st.lora.r))
+    if role == "student":
+        return student
+    t = spec.teacher
+    if t.kind != "vllm":
+        return None
+    teacher = EngineSpec(model=t.model, dtype=teacher_dtype(), tensor_parallel=t.tensor_parallel)
+    if student is not None and (teacher.model, teacher.dtype, teacher.tensor_parallel) == \
+            (student.model, student.dtype, student.tensor_parallel):
+        return student
+    return teacher
+
+
+def _started(info: dict[str, Any]) -> float:
+    """Seconds this stage waited for its engine to start: none when it was already up."""
+    return 0.0 if info.get("reused") else float(info.get("load_seconds") or 0.0)
 
 
 def _seed_failures(scored: pa.Table) -> int:

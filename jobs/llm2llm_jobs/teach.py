@@ -59,6 +59,41 @@ class Teacher(Protocol):
     def close(self) -> None: ...
 
 
+def vllm_engine_args(max_model_len: int) -> dict:
+    """The teacher engine's vLLM settings (an in-process VllmTeacher and the run's warm engines alike)."""
+    # On CPU, no chunked prefill: vLLM rewinds a seeded request's generator when it drops a token sampled
+    # during a partial prefill, and a CPU torch.Generator has no offset ("CPU Generator does not use
+    # offset"). Long teacher prompts (GSM8K's one-shot, ~500 tokens, 74 of them) hit it; short ones do not.
+    extra = {} if has_cuda() else {"enable_chunked_prefill": False, "max_num_batched_tokens": max_model_len}
+    # No free whitespace in JSON replies: a small model constrained to JSON otherwise spends its tokens on
+    # newlines. vLLM reads this per engine only (a per-request disable_any_whitespace is ignored).
+    structured = {"backend": "xgrammar", "disable_any_whitespace": True}
+    return {"max_model_len": max_model_len, "structured_outputs_config": structured, **extra}
+
+
+def sampling_params(conversations: int, *, n: int, temperature: float, top_p: float, max_tokens: int, seed: int,
+                    schemas: list[dict] | None = None) -> list[dict]:
+    """One plain dict of sampling parameters per conversation (``vllm_sampling_params`` makes vLLM's own).
+    Each conversation its own seed (sample_seed), and vLLM gives each of its n samples its own (seed + index):
+    one seed for all would draw the same random numbers for every failure, and near-identical prompts would
+    get identical replies."""
+    per = schemas if schemas is not None else [None] * conversations
+    return [{"n": n, "temperature": temperature, "top_p": top_p, "max_tokens": max_tokens,
+             "seed": sample_seed(seed, j, 0, n), "schema": schema} for j, schema in enumerate(per)]
+
+
+def vllm_sampling_params(*, schema: dict | None = None, **params):
+    from vllm import SamplingParams
+    from vllm.sampling_params import StructuredOutputsParams
+
+    structured = None if schema is None else StructuredOutputsParams(json=schema)
+    return SamplingParams(structured_outputs=structured, **params)
+
+
+def _completions(outs) -> list[list[Completion]]:
+    return [[Completion(text, prompt, completion) for text, prompt, completion in out] for out in outs]
+
+
 class VllmTeacher:
     """One in-process vLLM engine; all conversations go to ``LLM.chat`` in a single batched call."""
 
@@ -66,44 +101,45 @@ class VllmTeacher:
                  dtype: str | None = None):
         from vllm import LLM
 
-        # On CPU, no chunked prefill: vLLM rewinds a seeded request's generator when it drops a token sampled
-        # during a partial prefill, and a CPU torch.Generator has no offset ("CPU Generator does not use
-        # offset"). Long teacher prompts (GSM8K's one-shot, ~500 tokens, 74 of them) hit it; short ones do not.
-        extra = {} if has_cuda() else {"enable_chunked_prefill": False, "max_num_batched_tokens": max_model_len}
-        # No free whitespace in JSON replies: a small model constrained to JSON otherwise spends its tokens on
-        # newlines. vLLM reads this per engine only (a per-request disable_any_whitespace is ignored).
-        structured = {"backend": "xgrammar", "disable_any_whitespace": True}
-        self._llm = LLM(model=model_path, dtype=dtype or teacher_dtype(), seed=0, max_model_len=max_model_len,
-                        tensor_parallel_size=tensor_parallel, enforce_eager=not has_cuda(),
-                        structured_outputs_config=structured, **extra)
+        self._llm = LLM(model=model_path, dtype=dtype or teacher_dtype(), seed=0, tensor_parallel_size=tensor_parallel,
+                        enforce_eager=not has_cuda(), **vllm_engine_args(max_model_len))
 
     def reply_format(self, wanted: str) -> str:
         return wanted
 
     def complete(self, conversations, *, n, temperature, top_p, max_tokens, seed, schemas=None):
-        from vllm import SamplingParams
-        from vllm.sampling_params import StructuredOutputsParams
-
-        # Each conversation its own seed (sample_seed), and vLLM gives each of its n samples its own (seed +
-        # index): one seed for all would draw the same random numbers for every failure, and near-identical
-        # prompts would get identical replies.
-        def params(j: int, schema: dict | None) -> SamplingParams:
-            structured = None if schema is None else StructuredOutputsParams(json=schema)
-            return SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens,
-                                  seed=sample_seed(seed, j, 0, n), structured_outputs=structured)
-
-        per = schemas if schemas is not None else [None] * len(conversations)
-        outs = self._llm.chat(conversations, [params(j, s) for j, s in enumerate(per)], use_tqdm=False)
-        return [
-            [Completion(c.text, len(out.prompt_token_ids or []), len(c.token_ids)) for c in out.outputs]
-            for out in outs
-        ]
+        params = sampling_params(len(conversations), n=n, temperature=temperature, top_p=top_p,
+                                 max_tokens=max_tokens, seed=seed, schemas=schemas)
+        outs = self._llm.chat(conversations, [vllm_sampling_params(**p) for p in params], use_tqdm=False)
+        return _completions([[(c.text, len(out.prompt_token_ids or []), len(c.token_ids)) for c in out.outputs]
+                             for out in outs])
 
     def close(self) -> None:
         if self._llm is not None:
             release_vllm(self._llm)
             self._llm = None
             free_memory()
+
+
+class EngineTeacher:
+    """The run's warm vLLM engine (llm2llm_jobs.engines, a Ray actor) as the teacher: the same prompts, sampling
+    and structured replies as VllmTeacher, without building an engine. ``close`` leaves it running."""
+
+    def __init__(self, engine):
+        self._engine = engine
+
+    def reply_format(self, wanted: str) -> str:
+        return wanted
+
+    def complete(self, conversations, *, n, temperature, top_p, max_tokens, seed, schemas=None):
+        import ray
+
+        params = sampling_params(len(conversations), n=n, temperature=temperature, top_p=top_p,
+                                 max_tokens=max_tokens, seed=seed, schemas=schemas)
+        return _completions(ray.get(self._engine.chat.remote(conversations, params)))
+
+    def close(self) -> None:
+        pass
 
 
 class HfTeacher:
@@ -269,9 +305,12 @@ def _response_format(schema: dict) -> dict:
 
 
 def make_teacher(spec: TeacherSpec, model_path: str | None, api_key: str | None, *,
-                 key_pins: str | None = None) -> Teacher:
+                 key_pins: str | None = None, engine=None) -> Teacher:
     """The teacher ``spec`` asks for. ``model_path`` is the local folder for vllm/hf (resolved from
-    ``spec.model`` when None); ``api_key`` is for openai only, sent only to an endpoint ``key_pins`` allows."""
+    ``spec.model`` when None); ``api_key`` is for openai only, sent only to an endpoint ``key_pins`` allows;
+    ``engine``: the run's warm engine for a vllm teacher (llm2llm_jobs.engines), used instead of a new one."""
+    if engine is not None and spec.kind == "vllm":
+        return EngineTeacher(engine)
     if spec.kind == "openai":
         if not spec.endpoint:
             raise ValueError("teacher.endpoint is required when teacher.kind is openai")

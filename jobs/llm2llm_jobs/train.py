@@ -23,7 +23,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import pyarrow as pa
 from pydantic import BaseModel, Field
@@ -107,6 +107,8 @@ class TrainResult(BaseModel):
     global_batch_size: int = Field(description="micro_batch_size * workers * gradient accumulation steps.")
     worker_hosts: list[str] = Field(default_factory=list, description="Distinct hostnames the workers ran on.")
     precision: str = Field("fp32", description="bf16 or fp32: training.precision as the workers resolved it.")
+    trainers: list[dict[str, Any]] = Field(default_factory=list, description="The run's warm training workers "
+                                           "(llm2llm_jobs.trainers): name, pid, node, when made, whether reused.")
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -151,9 +153,18 @@ def _index_stream(n: int, seed: int) -> Iterator[int]:
         epoch += 1
 
 
-def _load_examples(table: pa.Table, tokenizer: Any, max_length: int) -> list[dict[str, list[int]]]:
+def _load_examples(table: pa.Table, tokenizer: Any, max_length: int, cache: dict | None = None,
+                   model_key: str = "") -> list[dict[str, list[int]]]:
     rows = table.select(["prompt", "target"]).to_pylist()
-    examples = [tokenize_example(tokenizer, r["prompt"], r["target"], max_length) for r in rows]
+    cache = {} if cache is None else cache  # a warm trainer's: rows of earlier iterations are tokenised once
+
+    def one(r: dict[str, str]) -> dict[str, list[int]] | None:
+        key = (model_key, max_length, r["prompt"], r["target"])
+        if key not in cache:
+            cache[key] = tokenize_example(tokenizer, r["prompt"], r["target"], max_length)
+        return cache[key]
+
+    examples = [one(r) for r in rows]
     kept = [e for e in examples if e is not None]
     if len(kept) < len(rows):
         log.warning("dropped %d of %d rows whose prompt fills max_length", len(rows) - len(kept), len(rows))
@@ -245,51 +256,60 @@ def native_bf16() -> bool:
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())  # AVX512-BF16 or AMX
 
 
-def _agreed_precision(requested: str) -> str:
+def _agreed_precision(requested: str, device: Any) -> str:
     """training.precision for every rank alike: "auto" is bf16 only when all ranks compute it natively
     (one DeepSpeed config for all; a rank emulating bf16 would hold the others back)."""
     if requested != "auto":
         return requested
-    import ray.train.torch
     import torch
     import torch.distributed as dist
 
-    flag = torch.tensor([int(native_bf16())], device=ray.train.torch.get_device())
+    flag = torch.tensor([int(native_bf16())], device=device)
     dist.all_reduce(flag, op=dist.ReduceOp.MIN)
     return "bf16" if int(flag.item()) else "fp32"
 
 
-def _train_worker(loop_config: dict[str, Any]) -> None:
-    """One Ray Train worker: load the base model, train with DeepSpeed, rank 0 saves and reports."""
-    entered = time.perf_counter()
-    # Before DeepSpeed and transformers are imported: they read DS_ACCELERATOR and the offline flags then.
-    # (Set here rather than in a worker runtime_env, which would rule out Ray's pre-started workers.)
-    os.environ.update(loop_config["env"])
+def _device(gpus: int) -> Any:
+    import torch
+
+    if gpus:
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def load_base(model_path: str, dtype: Any) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
+    model.config.use_cache = False
+    return model
+
+
+def fit_rank(cfg: TrainConfig, rows: pa.Table, rank: int, world: int, node: str, entered: float,
+             base: Callable[[str, Any], Any] = load_base, tokenized: dict | None = None) -> tuple[dict[str, Any], Any]:
+    """One rank's fit, with torch.distributed already up (Ray Train's worker group, or a warm trainer's own):
+    train the BASE model on ``rows`` with DeepSpeed. Returns the metrics (rank 0's are the run's) and a
+    callable that saves the adapter or model into a folder (a collective under ZeRO-3: every rank calls it).
+    ``base(path, dtype)`` gives a fresh copy of the base model (a warm trainer keeps it loaded);
+    ``tokenized`` caches rows' token ids across fits (keyed by the row and the tokenizer's settings)."""
     import deepspeed
-    import ray.train
     import torch
     import torch.distributed as dist
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from .models import resolve_model
 
-    _load_shm_op_safely()
-
-    cfg = TrainConfig.model_validate(loop_config["cfg"])
     t = cfg.training
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
     log.info("worker %d/%d on %s: %d torch threads", rank, world, socket.gethostname(), torch.get_num_threads())
     torch.manual_seed(t.seed)
-
+    device = _device(cfg.gpus_per_worker)
     # Resolved here, not on the driver: this machine's cache (built under a file lock when absent).
     model_path = resolve_model(cfg.model)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    precision = _agreed_precision(t.precision)
+    precision = _agreed_precision(t.precision, device)
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
-    model.config.use_cache = False
+    model = base(model_path, dtype)
     if t.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     if cfg.method == "lora":
@@ -307,7 +327,7 @@ def _train_worker(loop_config: dict[str, Any]) -> None:
             model.enable_input_require_grads()  # frozen embeddings would otherwise cut the graph
     n_params = sum(p.numel() for p in model.parameters())  # before ZeRO-3 partitions them
 
-    examples = _load_examples(ray.get(loop_config["rows"]), tokenizer, t.max_length)
+    examples = _load_examples(rows, tokenizer, t.max_length, tokenized, model_path)
     total_steps = planned_steps(t, len(examples))
     ds_config = deepspeed_config(cfg, world, precision)
     accumulation = ds_config["gradient_accumulation_steps"]
@@ -347,7 +367,7 @@ def _train_worker(loop_config: dict[str, Any]) -> None:
     tokens, initial_loss, final_loss = int(stats[0]), float(stats[1]) / world, float(stats[2]) / world
     # Where each rank ran, for the driver's log and the stage's figures (only rank 0's metrics reach the driver).
     hosts: list[Any] = [None] * world
-    dist.all_gather_object(hosts, [socket.gethostname(), ray.get_runtime_context().get_node_id()])
+    dist.all_gather_object(hosts, [socket.gethostname(), node])
     metrics = {
         "steps": total_steps,
         "tokens": tokens,
@@ -362,10 +382,35 @@ def _train_worker(loop_config: dict[str, Any]) -> None:
         "precision": precision,
         "rank_hosts": hosts,
     }
+    return metrics, lambda out: _save(engine, cfg, tokenizer, Path(out), rank)
 
+
+def prepare_worker(env: dict[str, str]) -> None:
+    """What a training worker process does once, before its first fit: the environment DeepSpeed and
+    transformers read at import, the imports themselves, and DeepSpeed's CPU comm op."""
+    os.environ.update(env)
+    import deepspeed  # noqa: F401
+    import transformers  # noqa: F401
+
+    _load_shm_op_safely()
+
+
+def _train_worker(loop_config: dict[str, Any]) -> None:
+    """One Ray Train worker (spec.ray.keepWarm false): set up, fit, rank 0 saves and reports."""
+    entered = time.perf_counter()
+    # Before DeepSpeed and transformers are imported: they read DS_ACCELERATOR and the offline flags then.
+    # (Set here rather than in a worker runtime_env, which would rule out Ray's pre-started workers.)
+    prepare_worker(loop_config["env"])
+    import ray
+    import ray.train
+
+    cfg = TrainConfig.model_validate(loop_config["cfg"])
+    ctx = ray.train.get_context()
+    metrics, save = fit_rank(cfg, ray.get(loop_config["rows"]), ctx.get_world_rank(), ctx.get_world_size(),
+                             ray.get_runtime_context().get_node_id(), entered)
     with tempfile.TemporaryDirectory(prefix="llm2llm-train-") as out:
-        _save(engine, cfg, tokenizer, Path(out), rank)  # collective under ZeRO-3: every rank calls it
-        checkpoint = ray.train.Checkpoint.from_directory(out) if rank == 0 else None
+        save(out)
+        checkpoint = ray.train.Checkpoint.from_directory(out) if ctx.get_world_rank() == 0 else None
         ray.train.report(metrics, checkpoint=checkpoint)  # once: each report blocks ~1.6 s
 
 
@@ -403,27 +448,50 @@ def _mfu(n_params: int, tokens_per_second: float, gpus: int) -> float | None:
 # --------------------------------------------------------------------------------------------- driver
 
 
-def run_train(cfg: TrainConfig, rows: pa.Table) -> TrainResult:
+# A fit has no retries of its own: the iteration is retried from its last committed stage (the planner, with
+# backoff and retry.maxAttempts). Ray Train's defaults retry a lost node and its own worker-group start forever:
+# on the real node, a worker pod killed mid-train left the new worker group's placement group pending behind
+# the old one's, and the fit waited for ever (controller "Error count: 7 (max allowed: inf)"). A worker group
+# that cannot start is tried a few times (60 s each: pods may still be coming up), then the attempt fails.
+FAILURES = {"max_failures": 0, "controller_failure_limit": 3, "max_preemption_failures": 0}
+
+
+def run_train(cfg: TrainConfig, rows: pa.Table, warm_run: str | None = None) -> TrainResult:
     """Train on ``rows`` (string columns 'prompt' and 'target') on the Ray cluster this process is connected
-    to (or a local one), then fill ``output_dir``."""
+    to (or a local one), then fill ``output_dir``. ``warm_run``: the run's uid, to train on its warm group of
+    workers (llm2llm_jobs.trainers); None: a Ray Train worker group of this fit's own."""
     import ray
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
 
     if not ray.is_initialized():
         ray.init()
-    for key, value in _CONTROLLER_ENV.items():
-        os.environ.setdefault(key, value)  # this process is the iteration's own driver
     gpu = cfg.gpus_per_worker > 0
     env = {k: os.environ[k] for k in _WORKER_ENV if k in os.environ}
     env["DS_ACCELERATOR"] = "cuda" if gpu else "cpu"
+    rows = rows.select(["prompt", "target"])
+    start = time.perf_counter()
+    if warm_run is not None:
+        from . import trainers
+
+        metrics, files, group = trainers.fit(warm_run, cfg, ray.put(rows), env)
+        out = Path(cfg.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        for rel, data in files.items():
+            (out / rel).parent.mkdir(parents=True, exist_ok=True)
+            (out / rel).write_bytes(data)
+        return _result(cfg, metrics, time.perf_counter() - start, out,
+                       trainers=[{k: v for k, v in i.items() if k != "key"} for i in group])
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    for key, value in _CONTROLLER_ENV.items():
+        os.environ.setdefault(key, value)  # this process is the iteration's own driver
     resources: dict[str, float] = {"CPU": cfg.cpus_per_worker}
     if gpu:
         resources["GPU"] = cfg.gpus_per_worker
     storage_path, storage_fs = ray_storage(cfg.storage_path)
     # The rows go through the object store, as a reference: each node fetches them once, however large, and
     # by value they would also be copied into Ray Train's run state (which records the loop config).
-    rows_ref = ray.put(rows.select(["prompt", "target"]))
+    rows_ref = ray.put(rows)
     trainer = TorchTrainer(
         _train_worker,
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "env": env, "rows": rows_ref},
@@ -431,21 +499,22 @@ def run_train(cfg: TrainConfig, rows: pa.Table) -> TrainResult:
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=gpu, resources_per_worker=resources),
         # A fresh name per call: Ray Train V2 would otherwise try to resume a finished run of the same name.
         run_config=RunConfig(name=f"train-{uuid.uuid4().hex[:12]}", storage_path=storage_path,
-                             storage_filesystem=storage_fs),
+                             storage_filesystem=storage_fs, failure_config=FailureConfig(**FAILURES)),
     )
-    start = time.perf_counter()
     result = trainer.fit()
     seconds = time.perf_counter() - start
+    out = Path(cfg.output_dir)
+    _take_checkpoint(result.checkpoint, out)
+    return _result(cfg, dict(result.metrics), seconds, out)
 
-    metrics = dict(result.metrics)
+
+def _result(cfg: TrainConfig, metrics: dict[str, Any], seconds: float, out: Path, **extra: Any) -> TrainResult:
     rank_hosts = metrics.pop("rank_hosts")
     for rank, (host, node) in enumerate(rank_hosts):
         log.info("training worker %d ran on %s (Ray node %s)", rank, host, node)
-    out = Path(cfg.output_dir)
-    _take_checkpoint(result.checkpoint, out)
     train = TrainResult(
         **metrics, seconds=seconds, gpu_seconds=seconds * cfg.workers * cfg.gpus_per_worker,
-        worker_hosts=sorted({host for host, _ in rank_hosts}),
+        worker_hosts=sorted({host for host, _ in rank_hosts}), **extra,
     )
     (out / RESULT_FILE).write_text(json.dumps(train.model_dump(), indent=2) + "\n")
     log.info("trained %d steps, loss %.4f -> %.4f, %.1f s", train.steps, train.initial_loss, train.loss, seconds)

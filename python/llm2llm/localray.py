@@ -68,6 +68,7 @@ class LocalRayHead:
             self._proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                           env=env, start_new_session=True)
         self.address = f"http://127.0.0.1:{dashboard}"
+        self.gcs_address = f"127.0.0.1:{gcs}"  # what a driver's ray.init(address=...) takes
         deadline = time.monotonic() + self.timeout
         while not self._up():
             if time.monotonic() > deadline:

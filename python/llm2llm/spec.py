@@ -231,6 +231,16 @@ class RaySpec(_Model):
     )
     image: str | None = Field(None, description="Job image (the Dockerfile's job target).")
     python: str | None = Field(None, description="Interpreter for the job entrypoint; default: the submitting one.")
+    keep_warm: bool = Field(
+        True,
+        description="Keep the run's vLLM engines (the student's base model for failure inference, which loads each "
+        "iteration's LoRA adapter, and the teacher) and its training workers (the base model loaded, the stack "
+        "imported, one process group) up across iterations, as named Ray actors on the run's Ray cluster, instead "
+        "of starting them in every stage of every iteration. Removed when the run's last iteration commits, or "
+        "after 15 minutes without a call; with a RayCluster per job (clusterTemplate) they live as long as the "
+        "job. They take no Ray CPU; on GPUs they hold their GPUs between stages. false: a Ray Train worker group "
+        "and fresh engines per stage.",
+    )
 
 
 class RetrySpec(_Model):

@@ -81,9 +81,11 @@ class Fakes:
         self.train_cfgs: list = []
         self.infer_calls: list[dict] = []
         self.adapter_files: list[list[str]] = []
+        self.warm_runs: list[str | None] = []
 
-    def run_train(self, cfg, rows: pa.Table):
+    def run_train(self, cfg, rows: pa.Table, warm_run: str | None = None):
         self.train_cfgs.append(cfg)
+        self.warm_runs.append(warm_run)
         assert rows.column_names == ["prompt", "target"] and rows.num_rows > 0
         # What Ray Train leaves in its storage, written through the run's own filesystem.
         path, _ = ray_storage(cfg.storage_path)

@@ -44,7 +44,7 @@ class Fakes:
         if stage in self.fault:
             self.fault.pop(stage)()
 
-    def run_train(self, cfg, rows):
+    def run_train(self, cfg, rows, warm_run=None):
         out = Path(cfg.output_dir)
         out.mkdir(parents=True, exist_ok=True)
         (out / "adapter.bin").write_bytes(os.urandom(256))

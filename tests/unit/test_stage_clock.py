@@ -74,7 +74,7 @@ def test_hf_generate_records_engine_start_and_each_batch(tmp_path):
 # --- the markers of a real iteration (Iteration's stages, storage and markers; model-bound calls faked) ------
 
 class _Fakes:
-    def run_train(self, cfg, rows):
+    def run_train(self, cfg, rows, warm_run=None):
         out = Path(cfg.output_dir)
         out.mkdir(parents=True, exist_ok=True)
         (out / "adapter.bin").write_bytes(b"x")

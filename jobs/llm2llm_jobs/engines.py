@@ -1,0 +1,225 @@
+"""Warm vLLM engines owned by a run: named, detached Ray actors that outlive one iteration's job.
+
+Every iteration used to build a fresh engine for failure inference and another for the teacher (about 20 s
+each on CPU here, a model load and CUDA-graph capture per stage on GPUs), although the base model and the
+teacher never change within a run. Now each job asks for the engines it needs by what they are
+(``EngineSpec``: model, dtype, tensor parallelism, LoRA rank, context length) and gets the run's live one:
+
+- created on first use, named ``llm2llm-<run uid>-<spec key>-<replica>`` in the Ray namespace ``NAMESPACE``
+  (``lifetime="detached"``: the job's driver exits, the engine stays, on the same Ray cluster);
+- reused by later iterations' jobs; a job that finds a dead engine, or one of another spec, replaces it;
+- failure inference loads the iteration's LoRA adapter into the warm base-model engine (vLLM's LoRARequest),
+  so the student's engine is the same engine in every iteration; when teacher and student are one model, one
+  engine serves both;
+- removed when the run ends (the last iteration's job calls ``release``), and by itself after
+  ``IDLE_SECONDS`` without a call (a run that failed for good, was deleted or lost its controller).
+
+With a RayCluster per job (a clusterTemplate), the engines live as long as that job's cluster. Engines
+reserve no Ray CPU (training would otherwise wait for the CPUs an idle engine holds) and are placed on nodes
+that have CPUs to give (never on a head started with num-cpus 0, which runs only drivers); on GPUs they
+hold ``tensor_parallel`` GPUs each.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import threading
+import time
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+NAMESPACE = "llm2llm-engines"
+IDLE_SECONDS_ENV = "LLM2LLM_ENGINE_IDLE_SECONDS"
+IDLE_SECONDS = 900.0
+MAX_MODEL_LEN = 4096
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineSpec:
+    """What an engine is; two stages (or iterations) with equal specs share it."""
+
+    model: str  # a spec model name, resolved on the engine's node (llm2llm_jobs.models.resolve_model)
+    # Failure inference decodes in infer.default_dtype() (float32 on CPU: vLLM and HF agree token for token), a
+    # teacher in infer.teacher_dtype() (bf16 where native); chosen by the job's driver, for a cluster of like nodes.
+    dtype: str = "float32"
+    tensor_parallel: int = 1
+    max_lora_rank: int | None = None  # LoRA enabled up to this rank (the student's), or no LoRA
+    max_model_len: int = MAX_MODEL_LEN
+
+    def key(self) -> str:
+        return hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()[:10]
+
+
+def actor_name(run_uid: str, spec: EngineSpec, replica: int) -> str:
+    return f"llm2llm-{run_uid}-{spec.key()}-{replica}"
+
+
+class EngineActor:
+    """One vLLM engine in its own Ray worker process. Calls are serial (a sync actor)."""
+
+    def __init__(self, spec: EngineSpec, idle_seconds: float):
+        from .infer import has_cuda
+        from .models import resolve_model
+        from .teach import vllm_engine_args
+
+        from vllm import LLM
+
+        self.spec = spec
+        started = time.monotonic()
+        path = resolve_model(spec.model)
+        lora = {} if spec.max_lora_rank is None else {"enable_lora": True, "max_loras": 1,
+                                                       "max_lora_rank": spec.max_lora_rank}
+        self._llm = LLM(model=path, dtype=spec.dtype, seed=0, tensor_parallel_size=spec.tensor_parallel,
+                        enforce_eager=not has_cuda(), **vllm_engine_args(_context(path, spec.max_model_len)), **lora)
+        self._info = {"name": None, "key": spec.key(), "pid": os.getpid(), "node": os.uname().nodename,
+                      "created_at": time.time(), "load_seconds": round(time.monotonic() - started, 3), "calls": 0}
+        self._last = time.monotonic()
+        self._loras: dict[str, int] = {}
+        threading.Thread(target=self._watch_idle, args=(idle_seconds,), daemon=True).start()
+
+    def _watch_idle(self, idle_seconds: float) -> None:
+        while True:
+            time.sleep(min(30.0, idle_seconds / 4))
+            if time.monotonic() - self._last > idle_seconds:
+                log.warning("engine %s idle for %.0fs: exiting", self._info.get("name"), idle_seconds)
+                os._exit(0)  # the actor dies (no restarts); its name is free for a new one
+
+    def info(self, name: str | None = None) -> dict[str, Any]:
+        if name:
+            self._info["name"] = name
+        return dict(self._info)
+
+    def _touch(self) -> None:
+        self._last = time.monotonic()
+        self._info["calls"] += 1
+
+    def generate(self, prompts: list[str], max_tokens: int, adapter: str | None = None,
+                 stop: list[str] | None = None) -> tuple[list[str], list[float]]:
+        """Greedy completions of raw prompts (failure inference), with the adapter at ``adapter`` (a storage
+        location, fetched here) applied. Returns the texts and the span inside generate (clock.Span)."""
+        from vllm import SamplingParams
+        from vllm.lora.request import LoRARequest
+
+        from .fanout import local_copy
+        from .infer import _length_order
+
+        self._touch()
+        params = SamplingParams(temperature=0.0, max_tokens=max_tokens, stop=stop or None)
+        with local_copy(adapter) as path:
+            request = None
+            if path is not None:
+                # A new id per adapter: vLLM caches loaded adapters by id (max_loras=1 keeps one resident).
+                lora_id = self._loras.setdefault(adapter or "", len(self._loras) + 1)
+                request = LoRARequest(f"student-{lora_id}", lora_id, path)
+            order = _length_order(prompts)
+            start, t0 = time.time(), time.monotonic()
+            outs = self._llm.generate([prompts[i] for i in order], params, lora_request=request, use_tqdm=False)
+            seconds = time.monotonic() - t0
+        texts = [""] * len(prompts)
+        for i, out in zip(order, outs):
+            texts[i] = out.outputs[0].text
+        self._last = time.monotonic()
+        return texts, [round(start, 3), round(seconds, 3)]
+
+    def chat(self, conversations: list[list[dict]], params: list[dict[str, Any]]) -> list[list[tuple[str, int, int]]]:
+        """The teacher's sampled chat completions (teach.sampling_params): (text, prompt tokens, completion
+        tokens) per sample."""
+        from .teach import vllm_sampling_params
+
+        self._touch()
+        outs = self._llm.chat(conversations, [vllm_sampling_params(**p) for p in params], use_tqdm=False)
+        self._last = time.monotonic()
+        return [[(c.text, len(out.prompt_token_ids or []), len(c.token_ids)) for c in out.outputs] for out in outs]
+
+
+def _context(model_path: str, want: int) -> int:
+    """``want`` tokens of context, within what the model itself supports."""
+    from transformers import AutoConfig
+
+    limit = getattr(AutoConfig.from_pretrained(model_path), "max_position_embeddings", None) or want
+    return min(want, int(limit))
+
+
+def _placement(replica: int, gpus: int) -> Any:
+    """A node that has what the engine needs (CPUs to give, or GPUs): the replica-th of them, so replicas
+    spread. A head started with num-cpus 0 runs drivers only and never gets one."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    need = "GPU" if gpus else "CPU"
+    nodes = sorted(n["NodeID"] for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get(need, 0) > 0)
+    if not nodes:
+        return "DEFAULT"
+    return NodeAffinitySchedulingStrategy(node_id=nodes[replica % len(nodes)], soft=True)
+
+
+def acquire(run_uid: str, spec: EngineSpec, replica: int = 0, *, gpus: int = 0) -> tuple[Any, dict[str, Any]]:
+    """The run's engine for ``spec`` (replica ``replica``): the live one, or a new one in its place. Returns
+    (actor handle, info) where info says whether it was reused and when it was made."""
+    import ray
+
+    name = actor_name(run_uid, spec, replica)
+    try:
+        handle = ray.get_actor(name, namespace=NAMESPACE)
+    except ValueError:
+        handle = None
+    if handle is not None:
+        try:
+            info = ray.get(handle.info.remote(), timeout=60)
+            if info["key"] == spec.key():
+                return handle, {**info, "reused": True}
+            log.warning("engine %s is another spec (%s): replacing it", name, info["key"])
+        except Exception as err:  # noqa: BLE001 - dead, dying or wedged: replaced either way
+            log.warning("engine %s does not answer (%s): replacing it", name, err)
+        ray.kill(handle, no_restart=True)
+        _wait_gone(name)
+    idle = float(os.environ.get(IDLE_SECONDS_ENV) or IDLE_SECONDS)
+    started = time.monotonic()
+    handle = ray.remote(EngineActor).options(
+        name=name, namespace=NAMESPACE, lifetime="detached", max_restarts=0, num_cpus=0, num_gpus=gpus,
+        scheduling_strategy=_placement(replica, gpus),
+    ).remote(spec, idle)
+    info = ray.get(handle.info.remote(name))
+    log.info("engine %s started in %.1fs on %s", name, time.monotonic() - started, info["node"])
+    return handle, {**info, "reused": False}
+
+
+def _wait_gone(name: str, timeout: float = 60.0) -> None:
+    import ray
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            ray.get_actor(name, namespace=NAMESPACE)
+        except ValueError:
+            return
+        time.sleep(0.5)
+
+
+def running(run_uid: str | None = None) -> list[str]:
+    """Names of the live engines (of one run, or all)."""
+    import ray
+
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a.get("namespace") == NAMESPACE]
+    return sorted(n for n in names if run_uid is None or n.startswith(f"llm2llm-{run_uid}-"))
+
+
+def release(run_uid: str) -> list[str]:
+    """Remove every engine of the run (its last iteration is committed). Returns their names."""
+    import ray
+
+    gone = []
+    for name in running(run_uid):
+        try:
+            ray.kill(ray.get_actor(name, namespace=NAMESPACE), no_restart=True)
+            gone.append(name)
+        except ValueError:
+            pass
+    for name in gone:
+        _wait_gone(name)
+    return gone
