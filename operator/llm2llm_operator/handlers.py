@@ -6,8 +6,9 @@ pool; they never sleep: waiting is Kopf's job (TemporaryError delays, the timer'
 What a new run costs the API server is what bounds a storm of them (docs/reliability.md, section 4), so the
 layer spends as few requests as it can: Kopf keeps its handler progress and last-handled spec in this
 process's memory (``_MemoryProgress``, ``_MemoryDiffBase``) rather than in annotations (one merge patch of
-the resource per reconcile saved), and a reconcile decides on Kopf's body when its status is the one this
-process wrote last (``_Written``) instead of reading the resource again.
+the resource per reconcile saved), a reconcile decides on Kopf's body when its status is the one this
+process wrote last (``_Written``) instead of reading the resource again, and a new run's first reconcile runs
+on the event that announces it rather than a watch round trip later (``_submit_early``).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from kubernetes.client.exceptions import ApiException
 from llm2llm.spec import GROUP, PLURAL, VERSION
 
 from . import metrics
-from .reconcile import Context, Transient, cleanup, reconcile
+from .reconcile import Context, Outcome, Transient, cleanup, reconcile
 
 FINALIZER = f"{GROUP}/finalizer"
 EVENT_RETRIES = 10  # bounded retries of the create/update/resume handler; the timer keeps going anyway
@@ -193,24 +194,32 @@ def register(ctx: Context) -> None:
         _written.forget(uid)
         _progress.forget(uid)
         _diffbase.forget(uid)
+        with _early_guard:
+            _early.pop(uid, None)
 
 
 def _brand_new(body: kopf.Body) -> bool:
     """Created just now: Kopf has not handled it yet (no finalizer), nothing has written its status."""
     meta = body.metadata
     return (not body.get("status") and FINALIZER not in (meta.get("finalizers") or [])
-            and not meta.get("deletionTimestamp") and not (body.get("spec") or {}).get("tracking"))
+            and not meta.get("deletionTimestamp"))
+
+
+# A new run's early reconcile, by uid, until a handler of the run commits it: (generation, outcome).
+_early: dict[str, tuple[Any, Outcome]] = {}
+_early_guard = threading.Lock()
 
 
 def _submit_early(body: kopf.Body, ctx: Context, logger: logging.Logger) -> None:
-    """A new run's first job, submitted in the cycle of the event that announced the run. Kopf runs the create
-    handler only in the next cycle, after its finalizer patch has come back through the watch: under a storm of
-    new runs that round trip was most of the wait for the first job. This is the reconcile the create handler
-    would do; its outcome is then dropped, and the create handler, reconciling from the same empty status,
-    plans the same launch, meets the job (AlreadyExists) and writes the status and events (level-based: the
-    crash window "job created, status not yet written", on purpose). Runs with MLflow tracking wait for the
-    create handler (a tracker's first update is not to be thrown away); a busy or failing early reconcile is
-    simply left to it."""
+    """A new run's first reconcile, in the cycle of the event that announced the run. Kopf runs the create
+    handler only in the next cycle, after its finalizer patch has come back through the watch, and under a
+    storm of new runs that round trip was most of the wait for the first job. So the job is submitted now;
+    the outcome (status, events) is kept, and the create handler writes it, without a second reconcile, if
+    nothing has changed since (same generation, still no status). The status is written only then because a
+    write now would fail Kopf's finalizer patch (a resourceVersion precondition) and cost it a round. Between
+    the two the run is in the crash window "job created, status not yet written": a restarted operator's
+    reconcile meets the job (AlreadyExists) and records it. A busy or failing early reconcile is simply left
+    to the create handler."""
     meta = body.metadata
     lock = _lock(meta.uid)
     if not lock.acquire(blocking=False):
@@ -221,8 +230,11 @@ def _submit_early(body: kopf.Body, ctx: Context, logger: logging.Logger) -> None
         if outcome.submitted:
             metrics.JOBS_SUBMITTED.labels(launcher=outcome.launcher or "unknown").inc()
             logger.info("submitted %s", getattr(outcome.action, "name", "?"))
+        with _early_guard:
+            _early[meta.uid] = (meta.get("generation"), outcome)
     except Transient as err:
-        logger.debug("early submit left to the create handler: %s", err)
+        metrics.RECONCILE_ERRORS.labels(kind="transient").inc()
+        logger.debug("early reconcile left to the create handler: %s", err)
     finally:
         lock.release()
         metrics.RECONCILE_SECONDS.observe(time.monotonic() - started)
@@ -240,11 +252,17 @@ def _reconcile(body: kopf.Body, ctx: Context, logger: logging.Logger, from_timer
         # Kopf's body may be a watch event behind our last status write: then decide on the latest resource.
         # (dict(body) pins the raw event: Kopf replaces a live body's content with each new event, never mutates it.)
         fresh: dict[str, Any] | None = dict(body)
-        if not _written.current(meta.uid, body.get("status")):
-            fresh = _read(ctx, meta.namespace, meta.name)
-            if fresh is None or fresh["metadata"]["uid"] != meta.uid:
-                return
-        outcome = reconcile(fresh, ctx)
+        with _early_guard:
+            early = _early.pop(meta.uid, None)
+        if (early is not None and early[0] == meta.get("generation") and not body.get("status")
+                and _written.current(meta.uid, None)):
+            outcome, committing = early[1], True  # the early reconcile of this very state: write it
+        else:
+            if not _written.current(meta.uid, body.get("status")):
+                fresh = _read(ctx, meta.namespace, meta.name)
+                if fresh is None or fresh["metadata"]["uid"] != meta.uid:
+                    return
+            outcome, committing = reconcile(fresh, ctx), False
         if outcome.status is not None:
             _written.wrote(meta.uid, None)  # until the write is known to have landed (or not)
             _written.wrote(meta.uid, _write_status(ctx, fresh, outcome.status))
@@ -252,7 +270,7 @@ def _reconcile(body: kopf.Body, ctx: Context, logger: logging.Logger, from_timer
             _written.wrote(meta.uid, fresh["status"])  # read from the server: the current status
         for ev in outcome.events:
             kopf.event(fresh, type="Warning" if ev.warning else "Normal", reason=ev.reason, message=ev.message)
-        if outcome.submitted:
+        if outcome.submitted and not committing:  # the early reconcile counted its own
             metrics.JOBS_SUBMITTED.labels(launcher=outcome.launcher or "unknown").inc()
             logger.info("submitted %s", getattr(outcome.action, "name", "?"))
         if outcome.phase:

@@ -39,12 +39,14 @@ PROBE_AFTER_STORM_S = 120  # a run created right behind the storm
 PROBE_SETTLED_S = 10  # a run created once the storm is absorbed
 HEALTH_MAX_S = 5  # any one liveness answer
 RSS_MAX = 250 * 10**6  # the goal of issue 14: under 250 MB
-# API requests per new run, up to the point its RayJob exists: RayJob create (twice: the early submit, then the
-# create handler's AlreadyExists), one patch of the run (Kopf's finalizer), one status patch, one Event, no
-# read of the run. With slack for retries under load; the figures before section 4's changes were 2 patches
-# and 1 GET of the run per run.
-PER_RUN_MAX = {("PATCH", "augmentationruns", ""): 1.25, ("PATCH", "augmentationruns", "status"): 1.25,
-               ("POST", "rayjobs", ""): 2.25, ("READ", "augmentationruns", ""): 0.1}
+# API requests per new run until its status is written: one RayJob create, one patch of the run (Kopf's
+# finalizer), one status patch, one Event, and a read of the run only when a watch event lags the operator's own
+# last write. Before the changes of section 4: 2 patches of the run (its finalizer, then Kopf's annotations)
+# and a GET of the run in every reconcile. Bounds with slack for retries and for timer ticks that fall inside a
+# long storm (a tick may write the status again: the job is now observed, so status patches are only printed).
+PER_RUN_MAX = {("PATCH", "augmentationruns", ""): 1.25, ("POST", "rayjobs", ""): 1.25,
+               ("READ", "augmentationruns", ""): 0.5}
+PRINTED = (*PER_RUN_MAX, ("PATCH", "augmentationruns", "status"), ("POST", "events", ""))
 
 
 def test_storm_of_runs(control_plane, augrun_crd, namespace, tmp_path, capsys):  # noqa: F811
@@ -144,7 +146,7 @@ def test_storm_of_runs(control_plane, augrun_crd, namespace, tmp_path, capsys): 
     for verb in ("GET", "LIST"):  # a list by name is counted as a GET by the API server
         requests[("READ", "augmentationruns", "")] += requests.pop((verb, "augmentationruns", ""), 0)
     requests[("READ", "augmentationruns", "")] -= len(polls)  # the test's own listings of the runs' statuses
-    per_run = {key: requests.get(key, 0) / runs_made for key in PER_RUN_MAX}
+    per_run = {key: requests.get(key, 0) / runs_made for key in PRINTED}
     with capsys.disabled():
         print(f"\nload: {RUNS} runs sent in {storm_sent:.1f}s by {CLIENT_THREADS} threads; all RayJobs after "
               f"{storm_done:.1f}s (operator --interval {INTERVAL:g}, --workers default)")
