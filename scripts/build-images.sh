@@ -120,11 +120,19 @@ for image in $IMAGES; do
     *) echo "build-images: unknown image '$image' (operator, job-cpu, job, mlflow)" >&2; exit 2 ;;
   esac
   ref="llm2llm/$image:$TAG"
+  before=$("$docker" image inspect -f '{{.Id}}' "$ref" 2>/dev/null || true)
   t=$(date +%s)
   step "$ref: docker build -f ${dockerfile#"$root"/} ${target[*]} (BASE_IMAGE=$BASE_IMAGE)"
+  # DOCKER_BUILD_CPU_SHARES: the build steps' CPU weight (1024 is the default), lowered by scripts/test.sh so
+  # that tests running meanwhile keep the CPU.
   "$docker" build --network host "${target[@]}" --build-arg "BASE_IMAGE=$BASE_IMAGE" \
-    -f "$dockerfile" -t "$ref" "$root"
+    ${DOCKER_BUILD_CPU_SHARES:+--cpu-shares "$DOCKER_BUILD_CPU_SHARES"} -f "$dockerfile" -t "$ref" "$root"
   step "step $ref: $(seconds "$t") s, $(image_mb "$ref") MB"
+  # The image this tag named before: gone with its layers unless the new one shares them (an 8 GB job image per
+  # rebuild otherwise fills the disk, and a node under disk pressure reclaims its images).
+  if [[ -n "$before" && "$before" != "$("$docker" image inspect -f '{{.Id}}' "$ref")" ]]; then
+    "$docker" rmi "$before" >/dev/null 2>&1 || true
+  fi
   # A few seconds' smoke test: the entrypoint starts, the data plane imports as the image's user.
   case "$image" in
     operator) "$docker" run --rm "$ref" --help >/dev/null ;;
