@@ -148,7 +148,8 @@ def register(ctx: Context) -> None:
         settings.posting.level = logging.WARNING
         settings.posting.reporting_component = "llm2llm-operator"
         # Sync handlers: bounded threads (the default is CPU-based). A reconcile mostly waits on the API server,
-        # so a storm of new runs is absorbed as fast as there are threads to wait (docs/reliability.md, 4).
+        # so more threads absorb a storm of new runs faster, up to where they take the GIL from Kopf's own event
+        # loop (16 beat 32 here: docs/reliability.md, section 4).
         settings.execution.max_workers = cfg.workers
         # We watch one known resource in a fixed list of namespaces (or all): no need to scan the cluster
         # for namespaces and CRDs, which a namespaced install's RBAC (rightly) does not allow.

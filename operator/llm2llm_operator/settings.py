@@ -17,7 +17,7 @@ class Settings:
     default_launcher: str = "rayjob"  # for runs whose spec.ray.launcher is `local`
     ray_address: str | None = None  # default Ray dashboard address for jobs-api runs
     interval: float = 30.0  # reconcile timer, seconds
-    workers: int = 32  # handler threads (each reconcile mostly waits on the API server)
+    workers: int = 16  # handler threads (each reconcile mostly waits on the API server)
     job_python: str = "python"  # interpreter in the job entrypoint (spec.ray.python wins)
     base_dir: str | None = None  # relative local paths in a spec resolve against this
     metrics_port: int = 8000  # 0: no metrics server
@@ -56,7 +56,7 @@ def parse_args(argv: list[str] | None = None) -> Settings:
                    help="default Ray dashboard address for jobs-api runs, e.g. http://head:8265 ($LLM2LLM_RAY_ADDRESS)")
     p.add_argument("--interval", type=float, default=float(_env("RECONCILE_INTERVAL", "30")),
                    help="seconds between reconciles of each run ($LLM2LLM_RECONCILE_INTERVAL)")
-    p.add_argument("--workers", type=int, default=int(_env("WORKERS", "32")),
+    p.add_argument("--workers", type=int, default=int(_env("WORKERS", "16")),
                    help="reconciles that may run at once, across all runs; each mostly waits on the API server "
                         "($LLM2LLM_WORKERS)")
     p.add_argument("--job-python", default=_env("JOB_PYTHON", "python"),

@@ -295,7 +295,7 @@ def test_helm_install_upgrade_uninstall(control_plane, augrun_crd, namespace, tm
          "--set", "operator.reconcileInterval=10")
     dep = json.loads(kubectl("get", "deploy", f"{release}-llm2llm-operator", "-n", namespace, "-o", "json").stdout)
     env = {e["name"]: e.get("value") for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]}
-    assert env["LLM2LLM_RECONCILE_INTERVAL"] == "10" and env["LLM2LLM_WORKERS"] == "32"
+    assert env["LLM2LLM_RECONCILE_INTERVAL"] == "10" and env["LLM2LLM_WORKERS"] == "16"
     live = json.loads(kubectl("get", "crd", augrun_crd, "-o", "json").stdout)
     assert "llm2llm.io/chart-test" not in (live["metadata"].get("annotations") or {})
 

@@ -296,7 +296,7 @@ def test_settings_from_flags_and_env(monkeypatch):
     monkeypatch.setenv("LLM2LLM_RECONCILE_INTERVAL", "5")
     s = parse_args([])
     assert s.namespaces == ("a", "b") and s.interval == 5 and not s.clusterwide and s.default_launcher == "rayjob"
-    assert s.workers == 32
+    assert s.workers == 16
     monkeypatch.setenv("LLM2LLM_WORKERS", "4")
     assert parse_args([]).workers == 4 and parse_args(["--workers", "64"]).workers == 64
     with pytest.raises(SystemExit):
