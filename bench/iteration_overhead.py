@@ -246,7 +246,7 @@ def plot(res: dict) -> None:
     its = [it for it in res["analysis"]["iterations"] if it["compute_s"] is not None]
     if not its:
         return
-    fig, ax = plt.subplots(figsize=(7.5, 3.4))
+    fig, ax = plt.subplots(figsize=(7.5, 3.8))
     parts = [(f"{s} compute", lambda it, s=s: (it["stages"].get(s) or {}).get("compute_s") or 0) for s in COMPUTE]
     parts += [(f"{s} fixed", lambda it, s=s: (it["stages"].get(s) or {}).get("fixed_s") or 0) for s in COMPUTE]
     parts += [("other stages + job", lambda it: it["other_stages_s"] + it["submit_to_start_s"]
@@ -261,7 +261,7 @@ def plot(res: dict) -> None:
     ax.set_xlabel("seconds")
     ax.set_title(f"Demo iterations: compute (dark) vs fixed cost (light); demo total "
                  f"{res['analysis']['demo_wall_s']:.0f}s", fontsize=10)
-    ax.legend(fontsize=7, ncol=4, loc="lower right")
+    ax.legend(fontsize=7, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.18))
     C.save_plot(fig, "iteration_overhead")
 
 
