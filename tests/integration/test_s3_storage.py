@@ -202,7 +202,7 @@ def test_a_retry_after_a_torn_model_upload_commits_one_clean_copy(s3, tmp_path, 
     attempt = {"n": 1}
     late_file = "model.safetensors"
 
-    def run_train(cfg, pairs):
+    def run_train(cfg, pairs, **_):
         if attempt["n"] == 2:  # attempt 1's late PUT, after attempt 2 cleared the stage
             store.fs.pipe_file(f"{store.stage_dir(0, 'train')}/model-a1/{late_file}", b"attempt 1's weights")
         shutil.copytree(source, cfg.output_dir)

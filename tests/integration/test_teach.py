@@ -10,6 +10,7 @@ import urllib.request
 import pytest
 import yaml
 
+from llm2llm.launch import API_KEY_ENDPOINTS_ENV
 from llm2llm.schemas import GENERATED, table
 from llm2llm.spec import AugmentationRunSpec, TaskSpec, TeacherSpec
 from llm2llm.tasks import Task, demonstration_rows
@@ -134,14 +135,14 @@ def server(fastapi_url: str) -> str:
 
 
 def test_openai_teacher_against_vllm_server(vllm_url: str, smollm2: str, conversations: list[list[dict]]) -> None:
-    teacher = OpenAITeacher(vllm_url, "teacher", KEY, max_concurrency=4, timeout_s=120, max_retries=1)
+    teacher = OpenAITeacher(vllm_url, "teacher", KEY, key_pins=vllm_url, max_concurrency=4, timeout_s=120, max_retries=1)
     out = teacher.complete(conversations, n=2, temperature=1.0, top_p=1.0, max_tokens=32, seed=3)
     check(out, 2, 32, [prompt_tokens(smollm2, c) for c in conversations])
 
 
 def test_openai_teacher_bounds_concurrency(server: str, smollm2: str) -> None:
     spec = TeacherSpec(kind="openai", endpoint=server, model="teacher", max_concurrency=3)
-    teacher = make_teacher(spec, None, KEY)
+    teacher = make_teacher(spec, None, KEY, key_pins=server)
     assert isinstance(teacher, OpenAITeacher) and KEY not in repr(teacher)
     # Short chats: this test is about the client's concurrency, not the teacher prompt.
     convs = [[{"role": "user", "content": f"Name a number bigger than {i}."}] for i in range(8)]
@@ -154,7 +155,7 @@ def test_openai_teacher_bounds_concurrency(server: str, smollm2: str) -> None:
 
 def test_openai_teacher_retries_429_honouring_retry_after(server: str, conversations: list[list[dict]]) -> None:
     admin(server, "/admin/faults", {"status": 429, "count": 2, "retry_after": 1})
-    teacher = OpenAITeacher(server, "teacher", KEY, max_concurrency=1, timeout_s=60, max_retries=3)
+    teacher = OpenAITeacher(server, "teacher", KEY, key_pins=server, max_concurrency=1, timeout_s=60, max_retries=3)
     start = time.monotonic()
     out = teacher.complete(conversations[:1], n=1, temperature=1.0, top_p=1.0, max_tokens=8, seed=1)
     elapsed = time.monotonic() - start
@@ -167,7 +168,7 @@ def test_openai_teacher_retries_429_honouring_retry_after(server: str, conversat
 
 def test_openai_teacher_gives_up_on_persistent_503(server: str, conversations: list[list[dict]]) -> None:
     admin(server, "/admin/faults", {"status": 503, "count": -1})
-    teacher = OpenAITeacher(server, "teacher", KEY, max_concurrency=2, timeout_s=10, max_retries=2)
+    teacher = OpenAITeacher(server, "teacher", KEY, key_pins=server, max_concurrency=2, timeout_s=10, max_retries=2)
     start = time.monotonic()
     with pytest.raises(TeacherUnavailable, match="503") as err:
         teacher.complete(conversations, n=1, temperature=1.0, top_p=1.0, max_tokens=8, seed=1)
@@ -179,7 +180,7 @@ def test_openai_teacher_gives_up_on_persistent_503(server: str, conversations: l
 
 def test_openai_teacher_wrong_key_fails_fast(server: str, conversations: list[list[dict]]) -> None:
     wrong = "sk-wrong-key-000"
-    teacher = OpenAITeacher(server, "teacher", wrong, max_concurrency=1, timeout_s=10, max_retries=5)
+    teacher = OpenAITeacher(server, "teacher", wrong, key_pins=server, max_concurrency=1, timeout_s=10, max_retries=5)
     start = time.monotonic()
     with pytest.raises(TeacherAuthError, match="rejected the API key") as err:
         teacher.complete(conversations[:1], n=1, temperature=1.0, top_p=1.0, max_tokens=8, seed=1)
@@ -229,6 +230,7 @@ def assert_parseable(spec: dict, result: dict, existing: list[str], shot: list[l
 def test_openai_teacher_replies_parse_by_construction_on_a_vllm_server(
         example: str, vllm_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LLM2LLM_TEST_KEY", KEY)
+    monkeypatch.setenv(API_KEY_ENDPOINTS_ENV, vllm_url)  # the key's owner pins it to this server
     spec, failures, existing, shot = teach_inputs(example, 8, kind="openai", endpoint=vllm_url, model="teacher")
     result = teach_shard(spec, None, failures, existing, [], 0, 0, None, "LLM2LLM_TEST_KEY", shot)
     assert_parseable(spec, result, existing, shot, len(failures))
@@ -240,6 +242,7 @@ def test_openai_endpoint_without_json_schema_gets_the_text_format(
     """One probe request per run decides; then every request is a text-format one, parsed as before."""
     admin(server, "/admin/faults", {"refuse_response_format": refuse})
     monkeypatch.setenv("LLM2LLM_TEST_KEY", KEY)
+    monkeypatch.setenv(API_KEY_ENDPOINTS_ENV, server)
     spec, failures, existing, shot = teach_inputs("demo", 2, kind="openai", endpoint=server, model="teacher",
                                                   maxTokens=48)
     result = teach_shard(spec, None, failures, existing, [], 0, 0, None, "LLM2LLM_TEST_KEY", shot)
