@@ -172,6 +172,17 @@ def _read_state() -> dict | None:
         return None
 
 
+def _live_state() -> dict | None:
+    """The recorded node, only while every process it recorded still runs. A node whose processes are gone (a
+    reboot that kept /run, a crash, an OOM kill) is not up: its leftovers are for ``down`` (or ``up``) to clear."""
+    state = _read_state()
+    if state is None:
+        return None
+    if all(_exe(e["pid"]) == e["exe"] and _alive(e["pid"]) for e in state.get("pids", {}).values()):
+        return state
+    return None
+
+
 class Node:
     def __init__(self, workdir: str | os.PathLike, bin_dir: str | os.PathLike | None = None):
         self.workdir = Path(workdir).resolve()
@@ -190,8 +201,10 @@ class Node:
 
     def start(self, timeout: float = 300.0, images: tuple[str, ...] = ()) -> "Node":
         """Brings the node up and waits until pods can run; on failure, undoes everything."""
-        if _read_state() is not None:
+        if _live_state() is not None:
             raise NodeError(f"a node is already up ({STATE_FILE}); run `node.py down` first")
+        if _read_state() is not None:
+            Node(_read_state()["dir"]).stop()  # a dead node's leftovers: mounts, rules, bridge, state
         try:
             self._start(timeout, images)
         except BaseException:
@@ -642,7 +655,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("down", help="stop the node and remove everything it added (images are kept)")
     load = sub.add_parser("load", help="import docker images into the running node")
     load.add_argument("images", nargs="+")
-    sub.add_parser("status", help="print the KUBECONFIG of the running node, or exit 1")
+    sub.add_parser("status", help="print the KUBECONFIG of the running node, or exit 1 (none, or its processes gone)")
     args = ap.parse_args(argv)
     if args.command == "up":
         try:
@@ -659,7 +672,7 @@ def main(argv: list[str] | None = None) -> int:
         Node(state["dir"]).stop()
         print("node: down", file=sys.stderr)
     elif args.command == "load":
-        state = _read_state()
+        state = _live_state()
         if state is None:
             print("node: no node is up; images are imported at `up`", file=sys.stderr)
             return 1
@@ -669,7 +682,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"node: {err}", file=sys.stderr)
             return 1
     else:
-        state = _read_state()
+        state = _live_state()
         if state is None:
             return 1
         print(f"export KUBECONFIG={state['kubeconfig']}")
