@@ -145,17 +145,28 @@ def _context(model_path: str, want: int) -> int:
     return min(want, int(limit))
 
 
-def _placement(replica: int, gpus: int) -> Any:
-    """A node that has what the engine needs (CPUs to give, or GPUs): the replica-th of them, so replicas
-    spread. A head started with num-cpus 0 runs drivers only and never gets one."""
+def _placement(replica: int, gpus: int, total: float = 1, timeout: float = 300.0) -> Any:
+    """A node that has what the actor needs (CPUs to give, or GPUs): the replica-th of them, so replicas spread.
+    A head started with num-cpus 0 runs drivers only and never gets one. Waits (up to ``timeout``) until the
+    cluster's nodes offer ``total`` CPUs (GPUs) between them: a RayCluster made for this job may still be
+    bringing its worker pods up, and an actor placed before they join would land where there is room, the head."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     need = "GPU" if gpus else "CPU"
-    nodes = sorted(n["NodeID"] for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get(need, 0) > 0)
-    if not nodes:
-        return "DEFAULT"
-    return NodeAffinitySchedulingStrategy(node_id=nodes[replica % len(nodes)], soft=True)
+    deadline = time.monotonic() + timeout
+    while True:
+        nodes = sorted((n["NodeID"], n["Resources"].get(need, 0)) for n in ray.nodes()
+                       if n.get("Alive") and n.get("Resources", {}).get(need, 0) > 0)
+        if nodes and sum(r for _, r in nodes) >= total:
+            # Hard: Ray places an actor that asks for no resources on a random node whatever a soft affinity
+            # says (the node test saw both trainers land on the CPU-less head). A node gone before the actor
+            # starts fails the actor (and the attempt) instead of placing it elsewhere.
+            return NodeAffinitySchedulingStrategy(node_id=nodes[replica % len(nodes)][0], soft=False)
+        if time.monotonic() > deadline:
+            have = sum(r for _, r in nodes)
+            raise RuntimeError(f"the Ray cluster offers {have:g} {need} after {timeout:.0f}s; {total:g} needed")
+        time.sleep(2)
 
 
 def acquire(run_uid: str, spec: EngineSpec, replica: int = 0, *, gpus: int = 0) -> tuple[Any, dict[str, Any]]:

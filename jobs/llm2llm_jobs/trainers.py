@@ -177,7 +177,10 @@ def acquire(run_uid: str, spec: GroupSpec, env: dict[str, str]) -> tuple[list[An
     started = time.monotonic()
     handles = [ray.remote(TrainerActor).options(
         name=name, namespace=NAMESPACE, lifetime="detached", max_restarts=0, num_cpus=0,
-        num_gpus=spec.gpus_per_worker, scheduling_strategy=_placement(rank, spec.gpus_per_worker),
+        num_gpus=spec.gpus_per_worker,
+        # Where Ray Train would have found room for the group: its resources, one rank per node where possible.
+        scheduling_strategy=_placement(rank, spec.gpus_per_worker, spec.workers * (spec.gpus_per_worker or
+                                                                                   spec.cpus_per_worker)),
     ).remote(spec, env, idle) for rank, name in enumerate(names)]
     infos = ray.get([h.info.remote(n) for h, n in zip(handles, names)])
     master = ray.get(handles[0].address.remote())
