@@ -376,8 +376,9 @@ class Iteration:
 
 
 def engine_spec(spec: AugmentationRunSpec, role: str):
-    """The warm engine a stage of this run uses (llm2llm_jobs.engines.EngineSpec), or None. The teacher shares
-    the student's engine when it would be the same engine anyway (one model, one dtype)."""
+    """The warm engine a stage of this run uses (llm2llm_jobs.engines.EngineSpec), or None. A teacher that is the
+    student's model shares the student's engine, in its dtype (float32 on CPU: slower sampling than bf16 where
+    that is native, but one engine's memory and start instead of two)."""
     from .engines import EngineSpec
     from .infer import default_dtype, lora_rank, teacher_dtype
 
@@ -393,8 +394,7 @@ def engine_spec(spec: AugmentationRunSpec, role: str):
     if t.kind != "vllm":
         return None
     teacher = EngineSpec(model=t.model, dtype=teacher_dtype(), tensor_parallel=t.tensor_parallel)
-    if student is not None and (teacher.model, teacher.dtype, teacher.tensor_parallel) == \
-            (student.model, student.dtype, student.tensor_parallel):
+    if student is not None and (teacher.model, teacher.tensor_parallel) == (student.model, student.tensor_parallel):
         return student
     return teacher
 

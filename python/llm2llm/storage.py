@@ -49,8 +49,11 @@ ITERATION_MARKER = "_ITERATION.json"
 # LLM2LLM_PAUSE_BEFORE_MARKER=<stage> (or ``iteration``) the job stops for good right before writing that
 # marker, every file of the stage already complete, and logs that it did, so a test can SIGKILL it inside the
 # window between a stage's files and its commit (milliseconds for filter or merge: too narrow to hit
-# otherwise). Unset, as everywhere but those tests, it does nothing.
+# otherwise). With LLM2LLM_PAUSE_SECONDS the pause ends after that long and the job goes on (the real-node
+# test kills a pod inside it, and an attempt it did not kill must still finish). Unset, as everywhere but those
+# tests, it does nothing.
 PAUSE_BEFORE_MARKER_ENV = "LLM2LLM_PAUSE_BEFORE_MARKER"
+PAUSE_SECONDS_ENV = "LLM2LLM_PAUSE_SECONDS"
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +61,10 @@ log = logging.getLogger(__name__)
 def _pause_before_marker(name: str) -> None:
     if os.environ.get(PAUSE_BEFORE_MARKER_ENV) == name:
         log.warning("pausing before the %s marker (%s is set): waiting to be killed", name, PAUSE_BEFORE_MARKER_ENV)
-        while True:
-            time.sleep(3600)
+        limit = float(os.environ.get(PAUSE_SECONDS_ENV) or "inf")
+        deadline = time.monotonic() + limit
+        while time.monotonic() < deadline:
+            time.sleep(min(3600.0, max(0.0, deadline - time.monotonic())))
 
 
 def fsync_dir(path: str) -> None:
