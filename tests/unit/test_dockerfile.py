@@ -341,7 +341,7 @@ def test_operator_image_dependency_set(tmp_path, capsys):
     probe = subprocess.run([str(python), "-c", f"""
 import importlib.metadata, importlib.util, json
 import llm2llm_operator.__main__, llm2llm_operator.handlers, llm2llm_operator.reconcile, llm2llm.launch
-found = {{m: importlib.util.find_spec(m) is not None for m in {HEAVY + ("kopf", "kubernetes", "ray", "s3fs")!r}}}
+found = {{m: importlib.util.find_spec(m) is not None for m in {HEAVY + ("kopf", "kubernetes", "ray", "s3fs", "mlflow")!r}}}
 where = {{d: importlib.metadata.distribution(d).read_text("direct_url.json") for d in ("llm2llm", "llm2llm-operator")}}
 print(json.dumps([found, where, llm2llm_operator.__file__]))
 """], capture_output=True, text=True, timeout=300, cwd=tmp_path)
@@ -350,6 +350,9 @@ print(json.dumps([found, where, llm2llm_operator.__file__]))
     assert [m for m in HEAVY if found[m]] == [], "the operator image must not carry the training stack"
     assert found["kopf"] and found["kubernetes"] and found["ray"]
     assert found["s3fs"], "spec.output on s3:// needs fsspec's S3 driver in the operator (it reads the markers)"
+    # The node test found it missing: the operator logs spec.tracking.mlflow itself, and without the client it
+    # only warned in its log and tracked nothing.
+    assert found["mlflow"], "spec.tracking.mlflow needs the MLflow client in the operator"
     # The project's packages are real copies inside the venv (non-editable), not links to the sources.
     assert Path(module).is_relative_to(venv)
     assert all('"editable": true' not in (w or "") for w in where.values()), where
