@@ -446,18 +446,28 @@ class Node:
             if docker_id.returncode != 0:
                 raise NodeError(f"image {image} is not in docker: build it first (make images)")
             # docker's image id is the config digest: the same id under the same name is the same image.
-            if docker_id.stdout.strip() == self._ctr_config_digest(image):
+            if docker_id.stdout.strip() == self._ctr_config_digest(image) and self._unpacked(image):
                 continue
             t0 = time.monotonic()
-            save = subprocess.Popen(["docker", "save", image], stdout=subprocess.PIPE)
-            res = subprocess.run(["ctr", f"--address={CONTAINERD_SOCK}", "-n", "k8s.io", "images", "import",
-                                  "-"], stdin=save.stdout, capture_output=True, text=True)
-            save.stdout.close()
-            if save.wait() != 0 or res.returncode != 0:
-                raise NodeError(f"importing {image} into the node failed: {res.stderr.strip()[-2000:]}")
+            for tries in (1, 2):
+                save = subprocess.Popen(["docker", "save", image], stdout=subprocess.PIPE)
+                res = subprocess.run(["ctr", f"--address={CONTAINERD_SOCK}", "-n", "k8s.io", "images", "import",
+                                      "-"], stdin=save.stdout, capture_output=True, text=True)
+                save.stdout.close()
+                if save.wait() == 0 and res.returncode == 0:
+                    break
+                # Seen once: the unpack failed on a parent snapshot that the kubelet's image GC had just
+                # removed; the image was recorded but not unpacked. A second import unpacks it again.
+                if tries == 2 or "snapshot" not in res.stderr:
+                    raise NodeError(f"importing {image} into the node failed: {res.stderr.strip()[-2000:]}")
             loaded.append(image)
             print(f"node: imported {image} in {time.monotonic() - t0:.0f}s", file=sys.stderr)
         return loaded
+
+    def _unpacked(self, image: str) -> bool:
+        """containerd has the image's layers unpacked for its snapshotter (a pod can start from it)."""
+        out = self._ctr("images", "check", f"name=={_full_name(image)}", check=False).stdout.splitlines()
+        return len(out) >= 2 and out[1].split()[-1] == "true"
 
     def _ctr_config_digest(self, image: str) -> str:
         """The config digest (docker's image id) of the image containerd has under that name, or ''."""
