@@ -160,9 +160,10 @@ class NodeCluster:
 @pytest.fixture(scope="session")
 def node(tmp_path_factory) -> NodeCluster:
     tools = node_mod.kubetools_bin()
-    state = node_mod._read_state()
+    state = node_mod._live_state()
     if state is not None:
-        node_mod.Node(state["dir"]).load_images(NODE_IMAGES)
+        # The pause image too: a node under disk pressure may have had it reclaimed (it cannot be pulled here).
+        node_mod.Node(state["dir"]).load_images((node_mod.PAUSE_IMAGE, *NODE_IMAGES))
         yield NodeCluster(Path(state["kubeconfig"]), tools, None)
         return
     n = node_mod.Node(tmp_path_factory.mktemp("node")).start(images=NODE_IMAGES)
