@@ -369,20 +369,14 @@ class Scenario:
     def mlflow_runs(self) -> list[Any]:
         """Every MLflow run of this AugmentationRun, asked from the node through the Service's ClusterIP."""
         import os
+        from unittest import mock
 
         from mlflow import MlflowClient
 
-        saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")}
-        os.environ.update(MLFLOW_TRACKING_USERNAME=self.mlflow_user, MLFLOW_TRACKING_PASSWORD=self.mlflow_password)
-        try:
+        creds = {"MLFLOW_TRACKING_USERNAME": self.mlflow_user, "MLFLOW_TRACKING_PASSWORD": self.mlflow_password}
+        with mock.patch.dict(os.environ, creds):  # the client reads them from the environment; restored after
             client = MlflowClient(tracking_uri=f"http://{self.mlflow_ip}:5000")
             exp = client.get_experiment_by_name(EXPERIMENT)
             assert exp is not None, f"no MLflow experiment {EXPERIMENT}"
             return list(client.search_runs([exp.experiment_id], filter_string=f"tags.`llm2llm.io/uid` = '{self.uid}'",
                                            max_results=100))
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
