@@ -132,7 +132,7 @@ class LoadSampler(threading.Thread):
         return {"mean": round(sum(s) / len(s), 2), "max": round(max(s), 2), "samples": len(s)}
 
 
-def run_demo(out_dir: Path) -> tuple[dict, dict, Path, float]:
+def run_demo(out_dir: Path, keep_warm: bool = True) -> tuple[dict, dict, Path, float]:
     """The demo through the same LocalRunner `llm2llm run` uses, output under ``out_dir``."""
     import yaml
 
@@ -146,6 +146,8 @@ def run_demo(out_dir: Path) -> tuple[dict, dict, Path, float]:
     for key in ("seed", "test"):
         doc["spec"]["data"][key] = str((C.ROOT / doc["spec"]["data"][key]).resolve())
     doc["spec"]["output"] = str(out_dir)
+    if not keep_warm:  # the A/B's other arm: every iteration starts its engines and trainers afresh
+        doc["spec"].setdefault("ray", {})["keepWarm"] = False
     path = out_dir / "run.yaml"
     out_dir.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(doc))
@@ -273,6 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--wait", type=float, default=0, help="seconds to wait for the load to drop")
     p.add_argument("--force", action="store_true", help="run even when the machine is busy")
     p.add_argument("--keep", action="store_true", help="keep the temp run folder")
+    p.add_argument("--cold", action="store_true",
+                   help="spec.ray.keepWarm false (nothing kept warm across iterations); results as iteration_overhead_cold")
     p.add_argument("--load-note", help="what the load was while an earlier run (--status) ran, for the report")
     args = p.parse_args(argv)
     status_path = Path(args.status)
@@ -290,10 +294,11 @@ def main(argv: list[str] | None = None) -> int:
         sampler = LoadSampler()
         sampler.start()
         try:
-            status, ray_jobs, run_dir, wall = run_demo(tmp / "runs")
+            status, ray_jobs, run_dir, wall = run_demo(tmp / "runs", keep_warm=not args.cold)
         finally:
             res["load_during"] = sampler.stop()
-        res.update(source=f"fresh demo run ({DEMO.relative_to(C.ROOT)}), output in a temp dir", runner_wall_s=round(wall, 1),
+        res.update(source=f"fresh demo run ({DEMO.relative_to(C.ROOT)}{', spec.ray.keepWarm false' if args.cold else ''}), "
+                          "output in a temp dir", runner_wall_s=round(wall, 1),
                    ray_jobs=ray_jobs)
         res["analysis"] = analyse(status, ray_jobs, run_dir)
         if not args.keep:
@@ -306,6 +311,9 @@ def main(argv: list[str] | None = None) -> int:
                    load_during=args.load_note or "not recorded (an earlier run: pass --load-note)")
         res["analysis"] = analyse(status, None, status_path.parent)
     res["goals"] = {"fixed_share": GOAL_SHARE}
+    if args.cold:
+        C.save("iteration_overhead_cold", res, report(res))
+        return 0
     C.save("iteration_overhead", res, report(res))
     plot(res)
     return 0
