@@ -25,7 +25,7 @@ import time
 from typing import Any
 
 from bench import _common as C
-from bench.teacher_format import ENV, _cpu_seconds, _inputs, _Timed
+from bench.teacher_format import ENV, _inputs, timed_teach_shard
 
 TEACHERS = ("qwen2.5-coder-1.5b", "smollm2-135m")
 
@@ -50,39 +50,16 @@ def _merge(wire: dict, patch: dict) -> dict:
 
 
 def measure(case: dict, teacher: str, inp: dict[str, Any]) -> dict[str, Any]:
-    import llm2llm_jobs.teach as teach_mod
-    from llm2llm.launch import API_KEY_ENV
     from llm2llm.schemas import GENERATED, table
     from llm2llm.spec import parse_spec
     from llm2llm.tasks import Task
-    from llm2llm_jobs import fanout
     from llm2llm_jobs import filter as flt
 
     wire = _merge(inp["spec"].model_dump(mode="json", by_alias=True), case["patch"])
     wire["teacher"]["model"] = teacher
     spec = parse_spec(wire)
-    times = {"startup_s": 0.0, "generate_s": 0.0, "close_s": 0.0, "complete_calls": 0}
-    real = teach_mod.make_teacher
-
-    def timed_make_teacher(*a, **kw):
-        t0 = time.perf_counter()
-        try:
-            built = real(*a, **kw)
-        finally:
-            times["startup_s"] += time.perf_counter() - t0
-        return _Timed(built, times)
-
     load_before = [round(x, 2) for x in os.getloadavg()]
-    cpu0, t0 = _cpu_seconds(), time.perf_counter()
-    teach_mod.make_teacher = timed_make_teacher
-    try:
-        res = fanout.teach_shard(
-            spec=spec.model_dump(mode="json", by_alias=True), model_path=None, failures=inp["failures"],
-            existing=inp["existing"], held_out=inp["held_out"], iteration=0, shard=0, token_budget=None,
-            api_key_env=API_KEY_ENV, examples=inp["examples"], reply_format=None)
-    finally:
-        teach_mod.make_teacher = real
-    teach_s, teach_cpu = time.perf_counter() - t0, _cpu_seconds() - cpu0
+    res, times, teach_s, teach_cpu = timed_teach_shard(spec.model_dump(mode="json", by_alias=True), inp, None)
     rows = res["rows"]
     gen = table(rows, GENERATED) if rows else GENERATED.empty_table()
     cf = flt.CandidateFilter(Task(spec.task), spec.filters, spec.teacher.samples_per_failure,

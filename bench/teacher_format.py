@@ -190,19 +190,13 @@ def warm_up(spec: Any) -> dict[str, float]:
     return {k: round(v, 2) for k, v in out.items()}
 
 
-def measure(task_name: str, inp: dict[str, Any], fmt: str) -> dict[str, Any]:
-    import pyarrow as pa
-
+def timed_teach_shard(wire: dict, inp: dict[str, Any], reply_format: str | None) -> tuple[dict, dict, float, float]:
+    """The teach stage's own function on ``inp`` under the spec ``wire``, with the teacher's start-up, generate
+    and close time counted apart (``_Timed``). Returns (result, those times, wall s, CPU s of this process)."""
     import llm2llm_jobs.teach as teach_mod
     from llm2llm.launch import API_KEY_ENV
-    from llm2llm.schemas import GENERATED, table
-    from llm2llm.tasks import Task
     from llm2llm_jobs import fanout
-    from llm2llm_jobs import filter as flt
 
-    spec = inp["spec"]
-    wire = spec.model_dump(mode="json", by_alias=True)
-    wire["teacher"]["structuredOutput"] = fmt == "json"
     times = {"startup_s": 0.0, "generate_s": 0.0, "close_s": 0.0, "complete_calls": 0}
     real = teach_mod.make_teacher
 
@@ -214,17 +208,30 @@ def measure(task_name: str, inp: dict[str, Any], fmt: str) -> dict[str, Any]:
             times["startup_s"] += time.perf_counter() - t0
         return _Timed(teacher, times)
 
-    load_before = [round(x, 2) for x in os.getloadavg()]
     cpu0, t0 = _cpu_seconds(), time.perf_counter()
     teach_mod.make_teacher = timed_make_teacher
     try:
         res = fanout.teach_shard(
             spec=wire, model_path=None, failures=inp["failures"], existing=inp["existing"],
             held_out=inp["held_out"], iteration=0, shard=0, token_budget=None, api_key_env=API_KEY_ENV,
-            examples=inp["examples"], reply_format=None if fmt == "json" else "text")
+            examples=inp["examples"], reply_format=reply_format)
     finally:
         teach_mod.make_teacher = real
-    teach_s, teach_cpu = time.perf_counter() - t0, _cpu_seconds() - cpu0
+    return res, times, time.perf_counter() - t0, _cpu_seconds() - cpu0
+
+
+def measure(task_name: str, inp: dict[str, Any], fmt: str) -> dict[str, Any]:
+    import pyarrow as pa
+
+    from llm2llm.schemas import GENERATED, table
+    from llm2llm.tasks import Task
+    from llm2llm_jobs import filter as flt
+
+    spec = inp["spec"]
+    wire = spec.model_dump(mode="json", by_alias=True)
+    wire["teacher"]["structuredOutput"] = fmt == "json"
+    load_before = [round(x, 2) for x in os.getloadavg()]
+    res, times, teach_s, teach_cpu = timed_teach_shard(wire, inp, None if fmt == "json" else "text")
     load_after_teach = [round(x, 2) for x in os.getloadavg()]
 
     # The filter stage, as Iteration.filter does it (task without examples; cap None: loop.rowsPerRound unset).
