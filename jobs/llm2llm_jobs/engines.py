@@ -59,8 +59,35 @@ def actor_name(run_uid: str, spec: EngineSpec, replica: int) -> str:
     return f"llm2llm-{run_uid}-{spec.key()}-{replica}"
 
 
-class EngineActor:
+class WarmActor:
+    """What the run's warm actors (engines here, trainers in llm2llm_jobs.trainers) share: their ``info``, and a
+    watchdog that ends the process once no call came for ``idle_seconds`` (a run that died leaves none behind)."""
+
+    _kind = "actor"
+    _info: dict[str, Any]
+    _last: float
+
+    def _watch(self, idle_seconds: float) -> None:
+        self._last = time.monotonic()
+        threading.Thread(target=self._watch_idle, args=(idle_seconds,), daemon=True).start()
+
+    def _watch_idle(self, idle_seconds: float) -> None:
+        while True:
+            time.sleep(min(30.0, idle_seconds / 4))
+            if time.monotonic() - self._last > idle_seconds:
+                log.warning("%s %s idle for %.0fs: exiting", self._kind, self._info.get("name"), idle_seconds)
+                os._exit(0)  # the actor dies (no restarts); its name is free for a new one
+
+    def info(self, name: str | None = None) -> dict[str, Any]:
+        if name:
+            self._info["name"] = name
+        return dict(self._info)
+
+
+class EngineActor(WarmActor):
     """One vLLM engine in its own Ray worker process. Calls are serial (a sync actor)."""
+
+    _kind = "engine"
 
     def __init__(self, spec: EngineSpec, idle_seconds: float):
         from .infer import has_cuda
@@ -78,21 +105,8 @@ class EngineActor:
                         enforce_eager=not has_cuda(), **vllm_engine_args(_context(path, spec.max_model_len)), **lora)
         self._info = {"name": None, "key": spec.key(), "pid": os.getpid(), "node": os.uname().nodename,
                       "created_at": time.time(), "load_seconds": round(time.monotonic() - started, 3), "calls": 0}
-        self._last = time.monotonic()
         self._loras: dict[str, int] = {}
-        threading.Thread(target=self._watch_idle, args=(idle_seconds,), daemon=True).start()
-
-    def _watch_idle(self, idle_seconds: float) -> None:
-        while True:
-            time.sleep(min(30.0, idle_seconds / 4))
-            if time.monotonic() - self._last > idle_seconds:
-                log.warning("engine %s idle for %.0fs: exiting", self._info.get("name"), idle_seconds)
-                os._exit(0)  # the actor dies (no restarts); its name is free for a new one
-
-    def info(self, name: str | None = None) -> dict[str, Any]:
-        if name:
-            self._info["name"] = name
-        return dict(self._info)
+        self._watch(idle_seconds)
 
     def _touch(self) -> None:
         self._last = time.monotonic()

@@ -32,13 +32,12 @@ import logging
 import os
 import socket
 import tempfile
-import threading
 import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from .engines import IDLE_SECONDS, IDLE_SECONDS_ENV, NAMESPACE, _placement, _wait_gone
+from .engines import IDLE_SECONDS, IDLE_SECONDS_ENV, NAMESPACE, WarmActor, _placement, _wait_gone
 from .train import TrainConfig, fit_rank, load_base, prepare_worker
 
 log = logging.getLogger(__name__)
@@ -63,8 +62,10 @@ def actor_name(run_uid: str, spec: GroupSpec, rank: int) -> str:
     return f"llm2llm-{run_uid}-train-{spec.key()}-{rank}"
 
 
-class TrainerActor:
+class TrainerActor(WarmActor):
     """One rank of a warm group. Calls are serial."""
+
+    _kind = "trainer"
 
     def __init__(self, spec: GroupSpec, env: dict[str, str], idle_seconds: float):
         started = time.monotonic()
@@ -80,20 +81,7 @@ class TrainerActor:
         self._rank: int | None = None
         self._info = {"name": None, "key": spec.key(), "pid": os.getpid(), "node": socket.gethostname(),
                       "created_at": time.time(), "load_seconds": round(time.monotonic() - started, 3), "fits": 0}
-        self._last = time.monotonic()
-        threading.Thread(target=self._watch_idle, args=(idle_seconds,), daemon=True).start()
-
-    def _watch_idle(self, idle_seconds: float) -> None:
-        while True:
-            time.sleep(min(30.0, idle_seconds / 4))
-            if time.monotonic() - self._last > idle_seconds:
-                log.warning("trainer %s idle for %.0fs: exiting", self._info.get("name"), idle_seconds)
-                os._exit(0)
-
-    def info(self, name: str | None = None) -> dict[str, Any]:
-        if name:
-            self._info["name"] = name
-        return dict(self._info)
+        self._watch(idle_seconds)
 
     def address(self) -> str:
         """A free port on this node for the group's rendezvous (asked of rank 0)."""
