@@ -52,7 +52,12 @@ class EngineSpec:
     max_model_len: int = MAX_MODEL_LEN
 
     def key(self) -> str:
-        return hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()[:10]
+        return spec_key(self)
+
+
+def spec_key(spec: Any) -> str:
+    """A short stable digest of a warm actor's spec (a dataclass): equal specs share the actor."""
+    return hashlib.sha256(json.dumps(dataclasses.asdict(spec), sort_keys=True).encode()).hexdigest()[:10]
 
 
 def actor_name(run_uid: str, spec: EngineSpec, replica: int) -> str:

@@ -26,8 +26,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import gc
-import hashlib
-import json
 import logging
 import os
 import socket
@@ -37,7 +35,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from .engines import IDLE_SECONDS, IDLE_SECONDS_ENV, NAMESPACE, WarmActor, _placement, _wait_gone
+from .engines import IDLE_SECONDS, IDLE_SECONDS_ENV, NAMESPACE, WarmActor, _placement, _wait_gone, spec_key
 from .train import TrainConfig, fit_rank, load_base, prepare_worker
 
 log = logging.getLogger(__name__)
@@ -55,7 +53,7 @@ class GroupSpec:
         return cls(cfg.model, cfg.workers, cfg.cpus_per_worker, cfg.gpus_per_worker)
 
     def key(self) -> str:
-        return hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()[:10]
+        return spec_key(self)
 
 
 def actor_name(run_uid: str, spec: GroupSpec, rank: int) -> str:
