@@ -63,6 +63,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed-limit", type=int, default=None, help="data.seedLimit")
     p.add_argument("--test-limit", type=int, default=None, help="data.testLimit")
     p.add_argument("--teacher-rounds", type=int, default=None, help="teacher.maxRounds (default: the base's)")
+    p.add_argument("--teacher-model", default=None, help="teacher.model (default: the base's)")
+    p.add_argument("--self-consistency", type=int, default=None,
+                   help="filters.verify.selfConsistency (gsm8k; default: the base's)")
     p.add_argument("--work", default="/tmp/llm2llm-bench-method", help="scratch folder for the runs (not committed)")
     p.add_argument("--no-reuse", action="store_true", help="train iteration 0 in every arm")
     p.add_argument("--notes", default=None, help="a markdown file appended to the report (the analysis)")
@@ -88,6 +91,10 @@ def arm_doc(base: dict[str, Any], args: argparse.Namespace, arm: str, seed: int,
         s["data"]["testLimit"] = args.test_limit
     if args.teacher_rounds is not None:
         s.setdefault("teacher", {})["maxRounds"] = args.teacher_rounds
+    if args.teacher_model is not None:
+        s.setdefault("teacher", {})["model"] = args.teacher_model
+    if args.self_consistency is not None:
+        s.setdefault("filters", {}).setdefault("verify", {})["selfConsistency"] = args.self_consistency
     if samples_per_failure is not None:
         s.setdefault("teacher", {})["samplesPerFailure"] = samples_per_failure
     loop = s.setdefault("loop", {})
@@ -189,6 +196,47 @@ def final_test_errors(output: str) -> dict[str, int]:
             key = r["output"] if len(r["output"]) <= 20 else "(long)"
             out[key] = out.get(key, 0) + 1
     return out
+
+
+def test_kinds(run_yaml: str) -> dict[str, str]:
+    """input -> its "kind" column, for a test file that has one (examples/reviews: plain, negated, contrast)."""
+    spec = yaml.safe_load(Path(run_yaml).read_text())["spec"]["data"]
+    path = C.ROOT / spec["test"]
+    kinds = {}
+    if path.suffix == ".jsonl" and path.exists():
+        for line in path.read_text().splitlines():
+            row = json.loads(line) if line.strip() else {}
+            if "kind" in row:
+                kinds[row[spec.get("inputField", "input")]] = row["kind"]
+    return kinds
+
+
+def final_kind_accuracy(output: str, kinds: dict[str, str]) -> dict[str, tuple[int, int]]:
+    """(right, total) of the last iteration's test answers per kind of test row."""
+    import pyarrow.parquet as pq
+
+    its = sorted(Path(output).glob("iter-*/score/scored.parquet"), key=lambda p: int(p.parent.parent.name[5:]))
+    out: dict[str, tuple[int, int]] = {}
+    if not its or not kinds:
+        return out
+    for r in pq.read_table(its[-1], columns=["split", "input", "correct"]).to_pylist():
+        if r["split"] == "test" and r["input"] in kinds:
+            right, total = out.get(kinds[r["input"]], (0, 0))
+            out[kinds[r["input"]]] = (right + bool(r["correct"]), total + 1)
+    return out
+
+
+NEGATION_WORDS = frozenset({"not", "never", "no", "nobody", "nothing", "neither", "nor", "none"})
+
+
+def shape(text: str) -> str:
+    """A rough shape of a teacher-written review, to compare what the arms added (not a label)."""
+    words = {w.strip(".,!?;:\"'").lower() for w in text.split()}
+    if " but " in f" {text.lower()} ":
+        return "contrast (but)"
+    if words & NEGATION_WORDS or any(w.endswith("n't") for w in words):
+        return "negation word"
+    return "neither"
 
 
 def mean_spread(values: list[float]) -> tuple[float, float, float, float]:
@@ -305,6 +353,26 @@ def comparisons(summary: dict[str, Any], results: dict[str, dict[int, dict[str, 
                 errs[k] = errs.get(k, 0) + v
         mix = ", ".join(f"gold {k}: {v}" for k, v in sorted(errs.items(), key=lambda kv: -kv[1])) or "none"
         out.append(f"- {ARM_NAMES[arm]}: wrong test answers at its last iteration, all seeds: {mix}.")
+    kinds = test_kinds(next(iter(results["B"].values()))["run_yaml"])
+    for arm in ("A", "B", "C", "D"):
+        if arm not in results or not kinds:
+            continue
+        per_kind: dict[str, list[float]] = {}
+        for r in results[arm].values():
+            for kind, (right, total) in final_kind_accuracy(r["status"]["output"], kinds).items():
+                per_kind.setdefault(kind, []).append(right / total)
+        mix = ", ".join(f"{k} {fmt(v)}" for k, v in sorted(per_kind.items()))
+        out.append(f"- {ARM_NAMES[arm]}: final test accuracy by kind of test row, over the seeds: {mix}.")
+    for arm in ("B", "C", "D"):
+        if arm not in results:
+            continue
+        shapes: dict[str, int] = {}
+        for r in results[arm].values():
+            for row in added_rows(r["status"]["output"]):
+                shapes[shape(row["input"])] = shapes.get(shape(row["input"]), 0) + 1
+        if shapes and kinds:
+            mix = ", ".join(f"{k} {v}" for k, v in sorted(shapes.items(), key=lambda kv: -kv[1]))
+            out.append(f"- {ARM_NAMES[arm]}: shape of the added inputs, all seeds: {mix}.")
     for arm in ("B", "C", "D"):
         if arm not in results:
             continue
@@ -435,7 +503,9 @@ def _run_all(args: argparse.Namespace, base: dict[str, Any], arms: list[str], wo
         "teacher": f"{base_spec['teacher'].get('kind')} {base_spec['teacher'].get('model')}, "
                    f"samplesPerFailure {base_spec['teacher'].get('samplesPerFailure', 1)}, "
                    f"maxRounds {base_spec['teacher'].get('maxRounds', 3)}, "
-                   f"temperature {base_spec['teacher'].get('temperature', 1.0)}",
+                   f"temperature {base_spec['teacher'].get('temperature', 1.0)}, "
+                   f"keepLabel {str(base_spec['teacher'].get('keepLabel', False)).lower()}",
+        "filters.verify": json.dumps((base_spec.get("filters") or {}).get("verify") or {}, sort_keys=True),
         "seedLimit": base_spec["data"].get("seedLimit", "all"),
         "testLimit": base_spec["data"].get("testLimit", "all"),
         "maxIterations (B, C)": args.iterations,
