@@ -31,6 +31,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import statistics
 import sys
 import time
@@ -434,6 +435,8 @@ def plot(name: str, summary: dict[str, Any]) -> Path | None:
 # --- main ---------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # A stopped benchmark (SIGTERM) still stops its Ray head and the runs' actors (the finally below).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     cmd = ".venv/bin/python -m bench.method " + " ".join(sys.argv[1:] if argv is None else argv)
     arms = [a for a in ARMS if a in args.arms.upper()]
     if ("C" in arms or "A" in arms) and "B" not in arms:

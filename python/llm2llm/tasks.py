@@ -52,14 +52,19 @@ GENERIC_TEACHER = (
     "Please generate {k} similar examples."
 )
 # teacher.keepLabel: the teacher writes inputs only, for the seed's gold label, which the new rows then carry.
+# It is asked to rewrite the failed input (another subject, the same sentence pattern and meaning) rather than
+# for "similar" inputs: asked that way, and shown random seed rows of the label as the similar ones, the 1.5B
+# teacher wrote plain on-label sentences for 21-22 of 25 negated failures; asked to rewrite, it kept the
+# negation in 15 of 25 (JSON replies; bench/results/method_demo.md). Hence no worked example either.
 KEEP_LABEL_SYSTEM = (
-    "You write new training inputs for a student model. Each new input must test the same skill as the one "
-    "the student got wrong, with different surface details, in the same domain and style, and its correct "
-    "output must be exactly the label given."
+    "You write new training inputs for a student model. Each new input is a rewrite of the input the student "
+    "got wrong: another subject and other details, the same sentence pattern and the same meaning, so that "
+    "its correct output is exactly the label given."
 )
 KEEP_LABEL_TEACHER = (
     "The student got this example wrong.\nInput: {input}\nCorrect output: {output}\n{student_answer}"
-    "Please generate {k} new inputs whose correct output is also {output}."
+    "Rewrite it {k} times as a new input: another subject and other details, the same sentence pattern and "
+    "the same meaning, so that its correct output is also {output}."
 )
 SOLVE_SYSTEM = (
     "Solve the math word problem. Show the calculation step by step, then give the final answer as a single "
@@ -169,6 +174,7 @@ class Task:
     # request. The worked example comes from the run's own seed rows (``examples``, see
     # ``demonstration_rows``), never from a fixed domain: small teachers copy the domain and labels of
     # whatever example they are shown. GSM8K keeps its built-in worked problem.
+    # With teacher.keepLabel there is none: the request is a rewrite of the failed input (KEEP_LABEL_TEACHER).
 
     def teacher_system(self, reply_format: str = "text") -> str:
         base = GSM8K_SYSTEM if self.spec.kind == "gsm8k" else KEEP_LABEL_SYSTEM if self.labels_kept else GENERIC_SYSTEM
@@ -213,7 +219,7 @@ class Task:
             ask, reply = GSM8K_ONE_SHOT.split("\n\n1.")
             q, a = reply.split("\nAnswer: ", 1)
             return ask, self._reply([(q.replace(" Question: ", "", 1).strip(), a)], reply_format)
-        if len(self.examples) < 2:
+        if len(self.examples) < 2 or self.labels_kept:  # keepLabel: a rewrite needs no worked example
             return None
         (q, a), similar = self.examples[0], list(self.examples[1:])
         ask = self._request(q, a, len(similar), None)

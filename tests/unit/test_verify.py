@@ -173,8 +173,12 @@ def test_kept_labels_come_from_the_seed_not_from_the_teachers_text():
     schema = SENT.reply_schema(2, 100)
     assert schema["properties"]["items"]["items"]["required"] == ["input"]  # the teacher writes no label
     msgs = SENT.teacher_messages("It broke.", "negative", 2, None, "json")
-    assert "whose correct output is also negative" in msgs[-1]["content"]
+    assert "Rewrite it 2 times" in msgs[-1]["content"] and "correct output is also negative" in msgs[-1]["content"]
     assert '"input"' in msgs[0]["content"] and '"label"' not in msgs[0]["content"]
+    # A rewrite of the failed input, with no worked example: seed rows of the same label shown as "similar"
+    # taught the teacher to write any on-label sentence (bench/results/method_demo.md).
+    shown = Task(SENT.spec, (("Great.", "positive"), ("Lovely.", "positive")), keep_label=True)
+    assert [m["role"] for m in shown.teacher_messages("It broke.", "negative", 1, None, "json")] == ["system", "user"]
     off = Task(SENT.spec, keep_label=False)
     assert off.parse_reply(text, "text") == [("The screen cracked in a week.", "positive")]
     assert off.prompt_hash("json") != SENT.prompt_hash("json")
