@@ -80,7 +80,7 @@ def test_vllm_teacher(smollm2: str, conversations: list[list[dict]]) -> None:
 def test_vllm_teacher_takes_a_gsm8k_size_batch_on_cpu(smollm2: str) -> None:
     # 74 GSM8K teacher prompts (~38k prompt tokens, the 1% seed's first round) do not fit one batch, so some
     # prompt is prefilled in pieces. With seeded sampling that used to fail on CPU with "CPU Generator does
-    # not use offset" (bench/results/method_gsm8k.md); every request must now get its completion.
+    # not use offset" (bench/results/method_gsm8k_smollm2.md); every request must now get its completion.
     task = Task(TaskSpec(kind="gsm8k"))
     with open(GSM8K / "train.jsonl") as f:
         rows = [json.loads(line) for _, line in zip(range(74), f)]
