@@ -67,6 +67,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--teacher-model", default=None, help="teacher.model (default: the base's)")
     p.add_argument("--self-consistency", type=int, default=None,
                    help="filters.verify.selfConsistency (gsm8k; default: the base's)")
+    p.add_argument("--keep-warm", choices=("true", "false"), default=None,
+                   help="spec.ray.keepWarm (default: the base's); false keeps one engine or trainer at a time in memory")
     p.add_argument("--work", default="/tmp/llm2llm-bench-method", help="scratch folder for the runs (not committed)")
     p.add_argument("--no-reuse", action="store_true", help="train iteration 0 in every arm")
     p.add_argument("--notes", default=None, help="a markdown file appended to the report (the analysis)")
@@ -107,6 +109,8 @@ def arm_doc(base: dict[str, Any], args: argparse.Namespace, arm: str, seed: int,
         loop["rowsPerRound"] = rows_per_round
     s["output"] = str(Path(args.work) / args.name)
     s.setdefault("ray", {})["launcher"] = "local"
+    if args.keep_warm is not None:
+        s["ray"]["keepWarm"] = args.keep_warm == "true"
     return doc
 
 
