@@ -35,6 +35,7 @@ import signal
 import statistics
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any, Callable
 
@@ -188,15 +189,18 @@ def added_rows(output: str) -> list[dict[str, Any]]:
     return rows
 
 
-def final_test_errors(output: str) -> dict[str, int]:
-    """Wrong test answers of the run's last iteration, by gold output (short outputs only, e.g. labels)."""
+def last_scored(output: str, columns: list[str]) -> list[dict[str, Any]]:
+    """The rows of the run's last committed iteration's score/scored.parquet (none before one is scored)."""
     import pyarrow.parquet as pq
 
     its = sorted(Path(output).glob("iter-*/score/scored.parquet"), key=lambda p: int(p.parent.parent.name[5:]))
-    if not its:
-        return {}
+    return pq.read_table(its[-1], columns=columns).to_pylist() if its else []
+
+
+def final_test_errors(output: str) -> dict[str, int]:
+    """Wrong test answers of the run's last iteration, by gold output (short outputs only, e.g. labels)."""
     out: dict[str, int] = {}
-    for r in pq.read_table(its[-1], columns=["split", "output", "correct"]).to_pylist():
+    for r in last_scored(output, ["split", "output", "correct"]):
         if r["split"] == "test" and not r["correct"]:
             key = r["output"] if len(r["output"]) <= 20 else "(long)"
             out[key] = out.get(key, 0) + 1
@@ -218,13 +222,10 @@ def test_kinds(run_yaml: str) -> dict[str, str]:
 
 def final_kind_accuracy(output: str, kinds: dict[str, str]) -> dict[str, tuple[int, int]]:
     """(right, total) of the last iteration's test answers per kind of test row."""
-    import pyarrow.parquet as pq
-
-    its = sorted(Path(output).glob("iter-*/score/scored.parquet"), key=lambda p: int(p.parent.parent.name[5:]))
     out: dict[str, tuple[int, int]] = {}
-    if not its or not kinds:
+    if not kinds:
         return out
-    for r in pq.read_table(its[-1], columns=["split", "input", "correct"]).to_pylist():
+    for r in last_scored(output, ["split", "input", "correct"]):
         if r["split"] == "test" and r["input"] in kinds:
             right, total = out.get(kinds[r["input"]], (0, 0))
             out[kinds[r["input"]]] = (right + bool(r["correct"]), total + 1)
@@ -371,12 +372,9 @@ def comparisons(summary: dict[str, Any], results: dict[str, dict[int, dict[str, 
     for arm in ("B", "C", "D"):
         if arm not in results:
             continue
-        shapes: dict[str, int] = {}
-        for r in results[arm].values():
-            for row in added_rows(r["status"]["output"]):
-                shapes[shape(row["input"])] = shapes.get(shape(row["input"]), 0) + 1
+        shapes = Counter(shape(row["input"]) for r in results[arm].values() for row in added_rows(r["status"]["output"]))
         if shapes and kinds:
-            mix = ", ".join(f"{k} {v}" for k, v in sorted(shapes.items(), key=lambda kv: -kv[1]))
+            mix = ", ".join(f"{k} {v}" for k, v in shapes.most_common())
             out.append(f"- {ARM_NAMES[arm]}: shape of the added inputs, all seeds: {mix}.")
     for arm in ("B", "C", "D"):
         if arm not in results:
