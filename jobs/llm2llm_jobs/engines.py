@@ -6,7 +6,8 @@ teacher never change within a run. Now each job asks for the engines it needs by
 (``EngineSpec``: model, dtype, tensor parallelism, LoRA rank, context length) and gets the run's live one:
 
 - created on first use, named ``llm2llm-<run uid>-<spec key>-<replica>`` in the Ray namespace ``NAMESPACE``
-  (``lifetime="detached"``: the job's driver exits, the engine stays, on the same Ray cluster);
+  (``lifetime="detached"``: the job's driver exits, the engine stays, on the same Ray cluster); a job whose
+  run has none yet starts them (``start``) before it trains, so their load overlaps the train stage;
 - reused by later iterations' jobs; a job that finds a dead engine, or one of another spec, replaces it;
 - failure inference loads the iteration's LoRA adapter into the warm base-model engine (vLLM's LoRARequest),
   so the student's engine is the same engine in every iteration; when teacher and student are one model, one
@@ -96,6 +97,7 @@ class EngineActor(WarmActor):
 
     def __init__(self, spec: EngineSpec, idle_seconds: float):
         from .infer import has_cuda
+        began = time.time()
         from .models import resolve_model
         from .teach import vllm_engine_args
 
@@ -109,7 +111,7 @@ class EngineActor(WarmActor):
         self._llm = LLM(model=path, dtype=spec.dtype, seed=0, tensor_parallel_size=spec.tensor_parallel,
                         enforce_eager=not has_cuda(), **vllm_engine_args(_context(path, spec.max_model_len)), **lora)
         self._info = {"name": None, "key": spec.key(), "pid": os.getpid(), "node": os.uname().nodename,
-                      "created_at": time.time(), "load_seconds": round(time.monotonic() - started, 3), "calls": 0}
+                      "started_at": began, "created_at": time.time(), "load_seconds": round(time.monotonic() - started, 3), "calls": 0}
         self._loras: dict[str, int] = {}
         self._watch(idle_seconds)
 
@@ -188,9 +190,11 @@ def _placement(replica: int, gpus: int, total: float = 1, timeout: float = 300.0
         time.sleep(2)
 
 
-def acquire(run_uid: str, spec: EngineSpec, replica: int = 0, *, gpus: int = 0) -> tuple[Any, dict[str, Any]]:
-    """The run's engine for ``spec`` (replica ``replica``): the live one, or a new one in its place. Returns
-    (actor handle, info) where info says whether it was reused and when it was made."""
+def start(run_uid: str, spec: EngineSpec, replica: int = 0, *, gpus: int = 0) -> Any | None:
+    """Begin starting the run's engine for ``spec`` and return at once: the engine loads in its own process while
+    the caller goes on (the job starts them before it trains), and ``acquire(..., pending=handle)`` waits for
+    it. Returns the new handle, or None when an engine of that name exists (``acquire`` checks it) or no node
+    has room for it right now (the stage that needs it starts it then)."""
     import ray
 
     name = actor_name(run_uid, spec, replica)
@@ -203,17 +207,54 @@ def acquire(run_uid: str, spec: EngineSpec, replica: int = 0, *, gpus: int = 0) 
             info = ray.get(handle.info.remote(), timeout=60)
             if info["key"] == spec.key():
                 return handle, {**info, "reused": True}
+    try:
+        ray.get_actor(name, namespace=NAMESPACE)
+        return None
+    except ValueError:
+        pass
+    try:
+        placement = _placement(replica, gpus, timeout=0)
+    except RuntimeError as err:
+        log.info("engine %s not started early: %s", name, err)
+        return None
+    log.info("engine %s starting in the background", name)
+    return _create(name, spec, gpus, placement)
+
+
+def _create(name: str, spec: EngineSpec, gpus: int, placement: Any) -> Any:
+    import ray
+
+    idle = float(os.environ.get(IDLE_SECONDS_ENV) or IDLE_SECONDS)
+    return ray.remote(EngineActor).options(
+        name=name, namespace=NAMESPACE, lifetime="detached", max_restarts=0, num_cpus=0, num_gpus=gpus,
+        scheduling_strategy=placement,
+    ).remote(spec, idle)
+
+
+def acquire(run_uid: str, spec: EngineSpec, replica: int = 0, *, gpus: int = 0,
+            pending: Any | None = None) -> tuple[Any, dict[str, Any]]:
+    """The run's engine for ``spec`` (replica ``replica``): the live one, or a new one in its place. ``pending``
+    is the handle ``start`` returned for it: waited for, however long its load takes. Returns (actor handle,
+    info) where info says whether it was reused, started early (and how long this call still waited for it),
+    and when it was made."""
+    import ray
+
+    name = actor_name(run_uid, spec, replica)
+    if pending is not None:
+        t0 = time.monotonic()
+        try:
+            info = ray.get(pending.info.remote(name))
+            return pending, {**info, "reused": False, "prestarted": True,
+                             "waited_seconds": round(time.monotonic() - t0, 3)}
+        except Exception as err:  # noqa: BLE001 - it died while loading: replaced below like any dead engine
+            log.warning("engine %s failed while starting early (%s): starting it again", name, err)
             log.warning("engine %s is another spec (%s): replacing it", name, info["key"])
         except Exception as err:  # noqa: BLE001 - dead, dying or wedged: replaced either way
             log.warning("engine %s does not answer (%s): replacing it", name, err)
         ray.kill(handle, no_restart=True)
         _wait_gone(name)
-    idle = float(os.environ.get(IDLE_SECONDS_ENV) or IDLE_SECONDS)
     started = time.monotonic()
-    handle = ray.remote(EngineActor).options(
-        name=name, namespace=NAMESPACE, lifetime="detached", max_restarts=0, num_cpus=0, num_gpus=gpus,
-        scheduling_strategy=_placement(replica, gpus),
-    ).remote(spec, idle)
+    handle = _create(name, spec, gpus, _placement(replica, gpus))
     info = ray.get(handle.info.remote(name))
     log.info("engine %s started in %.1fs on %s", name, time.monotonic() - started, info["node"])
     return handle, {**info, "reused": False}

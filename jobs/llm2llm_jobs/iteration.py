@@ -46,6 +46,7 @@ class Iteration:
         self.task = Task(spec.task)
         self.scratch = scratch
         self.timings: dict[str, float] = {}
+        self._pending: dict[str, Any] = {}  # engines started before training, by actor name (_prestart_engines)
 
     # --- helpers -----------------------------------------------------------------------------
     def _stage(self, stage: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
@@ -140,10 +141,7 @@ class Iteration:
         # The model's name and the adapter's storage location travel, not this machine's paths: each task
         # resolves the model and fetches the adapter on its own node.
         adapter = self.store.trained_model(self.i)
-        rows = [("seed", r) for r in self.store.read_table(self.store.path("data", "seed.parquet"), DATASET).to_pylist()]
-        if self.spec.data.test:
-            test = self.store.read_table(self.store.path("data", "test.parquet"), DATASET)
-            rows += [("test", r) for r in test.to_pylist()]
+        rows = self._infer_rows()
         inf = self.spec.infer
         parts = fanout.shards(rows, inf.replicas)
         prompts = [[self.task.prompt(r["input"]) for _, r in part] for part in parts]
@@ -172,6 +170,14 @@ class Iteration:
         self.store.write_table(self._path("infer", "predictions.parquet"), preds)
         return {"rows": preds.num_rows, "replicas": len(parts), "backend": ",".join(sorted({r[1] for r in results})),
                 **clock.stage_figures([r[2] for r in results]), **({"engines": used} if used else {})}
+
+    def _infer_rows(self) -> list[tuple[str, dict[str, Any]]]:
+        """(split, row) for every seed row, then every test row: what failure inference predicts."""
+        rows = [("seed", r) for r in self.store.read_table(self.store.path("data", "seed.parquet"), DATASET).to_pylist()]
+        if self.spec.data.test:
+            test = self.store.read_table(self.store.path("data", "test.parquet"), DATASET)
+            rows += [("test", r) for r in test.to_pylist()]
+        return rows
 
     def score(self) -> dict[str, Any]:
         preds = self.store.read_table(self._path("infer", "predictions.parquet"), PREDICTIONS)
@@ -237,15 +243,50 @@ class Iteration:
             return None
         from . import engines
 
-        gpus = (1 if role == "student" else spec.tensor_parallel) if self._gpus() else 0
+        gpus = self._engine_gpus(role, spec)
         try:
-            got = [engines.acquire(self.uid, spec, k, gpus=gpus) for k in range(replicas)]
+            got = [engines.acquire(self.uid, spec, k, gpus=gpus,
+                                   pending=self._pending.pop(engines.actor_name(self.uid, spec, k), None))
+                   for k in range(replicas)]
         except Exception as err:  # noqa: BLE001 - an engine that cannot start: the stage's own backends decide
             if role == "student" and self.spec.infer.backend == "auto":
                 log.warning("no warm vLLM engine (%s): %s; failure inference builds its own", type(err).__name__, err)
                 return None
             raise
         return [h for h, _ in got], [{k: v for k, v in info.items() if k != "key"} for _, info in got]
+
+    def _engine_gpus(self, role: str, spec: Any) -> int:
+        return (1 if role == "student" else spec.tensor_parallel) if self._gpus() else 0
+
+    def _prestart_engines(self) -> None:
+        """Start the warm engines this iteration's infer and teach stages will ask for, unless the run has them
+        already: each loads in its own process while the train stage runs (a cold start of the 1.5B teacher and the
+        student's engine is about 90 s on 2 CPU cores, paid once per run but, before this, after training, in
+        series). The teacher's are skipped on the run's last iteration, which teaches nothing. Best effort: an
+        engine that cannot start now is started by its stage, as before."""
+        import ray
+
+        if not ray.is_initialized():
+            return
+        from . import engines
+
+        wanted: dict[str, tuple[Any, int, int]] = {}
+        if self.store.stage_done(self.i, "infer") is None and (spec := engine_spec(self.spec, "student")) is not None:
+            for k in range(len(fanout.shards(self._infer_rows(), self.spec.infer.replicas))):
+                wanted.setdefault(engines.actor_name(self.uid, spec, k), (spec, k, self._engine_gpus("student", spec)))
+        may_teach = self.i + 1 < self.spec.loop.max_iterations
+        if may_teach and self.store.stage_done(self.i, "teach") is None:
+            if (spec := engine_spec(self.spec, "teacher")) is not None:
+                for k in range(self.spec.teacher.replicas):
+                    wanted.setdefault(engines.actor_name(self.uid, spec, k), (spec, k, self._engine_gpus("teacher", spec)))
+        for name, (spec, k, gpus) in wanted.items():
+            try:
+                handle = engines.start(self.uid, spec, k, gpus=gpus)
+            except Exception as err:  # noqa: BLE001 - the stage that needs it starts it (and reports why not)
+                log.warning("engine %s not started early: %s", name, err)
+                continue
+            if handle is not None:
+                self._pending[name] = handle
 
     def filter(self, train_rows: pa.Table) -> dict[str, Any]:
         gen = self.store.read_table(self._path("teach", "generated.parquet"), GENERATED)
@@ -316,6 +357,7 @@ class Iteration:
             self.store.write_run_record(self.name, self.uid, spec_to_wire(self.spec))
         started = now()
         prep = self._stage("prepare", self.prepare)
+        self._prestart_engines()
         train = self._stage("train", self.train)
         self._stage("infer", self.infer)
         sc = self._stage("score", self.score)
@@ -400,8 +442,13 @@ def engine_spec(spec: AugmentationRunSpec, role: str):
 
 
 def _started(info: dict[str, Any]) -> float:
-    """Seconds this stage waited for its engine to start: none when it was already up."""
-    return 0.0 if info.get("reused") else float(info.get("load_seconds") or 0.0)
+    """Seconds this stage waited for its engine to start: none when it was already up, what was left of its load
+    when it was started early."""
+    if info.get("reused"):
+        return 0.0
+    if info.get("prestarted"):
+        return float(info.get("waited_seconds") or 0.0)
+    return float(info.get("load_seconds") or 0.0)
 
 
 def _seed_failures(scored: pa.Table) -> int:

@@ -1,7 +1,7 @@
 """Warm engines (llm2llm_jobs.engines): the demo's three iterations on a Ray head of the test's own, each
 iteration its own Ray job. The student's base-model engine, which loads each iteration's LoRA adapter, and the
-teacher (the same SmolLM2 weights, so the same engine) start once for the whole run, and are gone once it ends,
-while the Ray cluster itself stays up.
+teacher (the same SmolLM2 weights, so the same engine) start once for the whole run, while iteration 0 trains,
+and are gone once it ends, while the Ray cluster itself stays up.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from datetime import datetime
 
 import pytest
 import yaml
@@ -55,7 +56,14 @@ def test_engines_start_once_for_three_iterations_and_go_with_the_run(tmp_path):
         assert [e["reused"] for e in infer[0]["engines"]] == [False]
         assert [e["reused"] for e in teach[0]["engines"]] == [shared]
         assert all(e["reused"] for m in infer[1:] + teach[1:] for e in m["engines"])
-        assert infer[0]["engine_seconds"] > 0 and all(m["engine_seconds"] == 0 for m in infer[1:] + teach[1:])
+        assert all(m["engine_seconds"] == 0 for m in infer[1:] + teach[1:])
+        # Iteration 0 started its engines before it trained: they loaded while the student trained, and the
+        # stages waited only for what was left of the load.
+        trained = datetime.fromisoformat(store.stage_done(0, "train")["finished_at"].replace("Z", "+00:00"))
+        for e in infer[0]["engines"] + teach[0]["engines"]:
+            assert e["started_at"] < trained.timestamp(), (e, trained)
+        first = infer[0]["engines"][0]
+        assert first["prestarted"] and infer[0]["engine_seconds"] == first["waited_seconds"]
         assert all(m["backend"] == "vllm" for m in infer)
         # Each iteration's adapter was loaded, not iteration 0's over and over: predictions are the student's.
         assert all(it.seed_accuracy is not None for it in status.iterations)
