@@ -9,7 +9,8 @@ teacher never change within a run. Now each job asks for the engines it needs by
   (``lifetime="detached"``: the job's driver exits, the engine stays, on the same Ray cluster); a job whose
   run has none yet starts them (``start``) before it trains, so their load overlaps the train stage;
 - reused by later iterations' jobs; a job that finds a dead engine, or one of another spec, replaces it;
-- failure inference loads the iteration's LoRA adapter into the warm base-model engine (vLLM's LoRARequest),
+- failure inference loads the iteration's LoRA adapter into the warm base-model engine (merged into its weights
+  on CPU, ``llm2llm_jobs.lora``; vLLM's LoRARequest on GPUs),
   so the student's engine is the same engine in every iteration; when teacher and student are one model, one
   engine serves both;
 - removed when the run ends (the last iteration's job calls ``release``), and by itself after
@@ -96,8 +97,9 @@ class EngineActor(WarmActor):
     _kind = "engine"
 
     def __init__(self, spec: EngineSpec, idle_seconds: float):
-        from .infer import has_cuda
         began = time.time()
+        from .infer import has_cuda
+        from .lora import MergedAdapter
         from .models import resolve_model
         from .teach import vllm_engine_args
 
@@ -106,12 +108,16 @@ class EngineActor(WarmActor):
         self.spec = spec
         started = time.monotonic()
         path = resolve_model(spec.model)
-        lora = {} if spec.max_lora_rank is None else {"enable_lora": True, "max_loras": 1,
-                                                       "max_lora_rank": spec.max_lora_rank}
+        # On CPU an adapter is merged into the weights (llm2llm_jobs.lora); on GPUs vLLM applies it per request.
+        merge = spec.max_lora_rank is not None and not has_cuda()
+        lora = {} if spec.max_lora_rank is None or merge else {"enable_lora": True, "max_loras": 1,
+                                                                "max_lora_rank": spec.max_lora_rank}
         self._llm = LLM(model=path, dtype=spec.dtype, seed=0, tensor_parallel_size=spec.tensor_parallel,
                         enforce_eager=not has_cuda(), **vllm_engine_args(_context(path, spec.max_model_len)), **lora)
+        self._merged = MergedAdapter(self._llm, path) if merge else None
         self._info = {"name": None, "key": spec.key(), "pid": os.getpid(), "node": os.uname().nodename,
-                      "started_at": began, "created_at": time.time(), "load_seconds": round(time.monotonic() - started, 3), "calls": 0}
+                      "started_at": began, "created_at": time.time(),
+                      "load_seconds": round(time.monotonic() - started, 3), "calls": 0}
         self._loras: dict[str, int] = {}
         self._watch(idle_seconds)
 
@@ -133,7 +139,9 @@ class EngineActor(WarmActor):
         params = SamplingParams(temperature=0.0, max_tokens=max_tokens, stop=stop or None)
         with local_copy(adapter) as path:
             request = None
-            if path is not None:
+            if self._merged is not None:
+                self._merged.use(path, key=adapter)  # a no-op while the weights hold this adapter
+            elif path is not None:
                 # A new id per adapter: vLLM caches loaded adapters by id (max_loras=1 keeps one resident).
                 lora_id = self._loras.setdefault(adapter or "", len(self._loras) + 1)
                 request = LoRARequest(f"student-{lora_id}", lora_id, path)
@@ -153,6 +161,8 @@ class EngineActor(WarmActor):
         from .teach import vllm_sampling_params
 
         self._touch()
+        if self._merged is not None:
+            self._merged.use(None)  # the teacher is the base model (an engine both roles share)
         outs = self._llm.chat(conversations, [vllm_sampling_params(**p) for p in params], use_tqdm=False)
         self._last = time.monotonic()
         return [[(c.text, len(out.prompt_token_ids or []), len(c.token_ids)) for c in out.outputs] for out in outs]
@@ -199,15 +209,6 @@ def start(run_uid: str, spec: EngineSpec, replica: int = 0, *, gpus: int = 0) ->
 
     name = actor_name(run_uid, spec, replica)
     try:
-        handle = ray.get_actor(name, namespace=NAMESPACE)
-    except ValueError:
-        handle = None
-    if handle is not None:
-        try:
-            info = ray.get(handle.info.remote(), timeout=60)
-            if info["key"] == spec.key():
-                return handle, {**info, "reused": True}
-    try:
         ray.get_actor(name, namespace=NAMESPACE)
         return None
     except ValueError:
@@ -248,6 +249,15 @@ def acquire(run_uid: str, spec: EngineSpec, replica: int = 0, *, gpus: int = 0,
                              "waited_seconds": round(time.monotonic() - t0, 3)}
         except Exception as err:  # noqa: BLE001 - it died while loading: replaced below like any dead engine
             log.warning("engine %s failed while starting early (%s): starting it again", name, err)
+    try:
+        handle = ray.get_actor(name, namespace=NAMESPACE)
+    except ValueError:
+        handle = None
+    if handle is not None:
+        try:
+            info = ray.get(handle.info.remote(), timeout=60)
+            if info["key"] == spec.key():
+                return handle, {**info, "reused": True}
             log.warning("engine %s is another spec (%s): replacing it", name, info["key"])
         except Exception as err:  # noqa: BLE001 - dead, dying or wedged: replaced either way
             log.warning("engine %s does not answer (%s): replacing it", name, err)
