@@ -72,11 +72,11 @@ def warm_vllm(cfg: dict) -> dict:
     """One process, as a run's engine: start once, then one generate per adapter."""
     t_start = time.perf_counter()
     from llm2llm_jobs.engines import EngineActor, EngineSpec
-    from llm2llm_jobs.infer import default_dtype, lora_rank
+    from llm2llm_jobs.infer import lora_rank
     from llm2llm_jobs.models import resolve_model
 
     ps = prompts(cfg["prompts"])
-    engine = EngineActor(EngineSpec(model=MODEL, dtype=default_dtype(), max_lora_rank=lora_rank(cfg["rank"])),
+    engine = EngineActor(EngineSpec(model=MODEL, dtype="student", max_lora_rank=lora_rank(cfg["rank"])),
                          idle_seconds=24 * 3600)
     startup = time.perf_counter() - t_start
     iters = []

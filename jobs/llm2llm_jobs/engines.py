@@ -46,9 +46,11 @@ class EngineSpec:
     """What an engine is; two stages (or iterations) with equal specs share it."""
 
     model: str  # a spec model name, resolved on the engine's node (llm2llm_jobs.models.resolve_model)
-    # Failure inference decodes in infer.default_dtype() (float32 on CPU: vLLM and HF agree token for token), a
-    # teacher in infer.teacher_dtype() (bf16 where native); chosen by the job's driver, for a cluster of like nodes.
-    dtype: str = "float32"
+    # "student": failure inference's dtype (infer.default_dtype: float32 on CPU, where vLLM and HF agree token for
+    # token); "teacher": infer.teacher_dtype (bf16 where native); or a torch dtype name. Decided on the engine's
+    # node, by its hardware: the job's driver may run on a head without the workers' GPUs, and asking torch
+    # there cost each job its 4 s import of torch.
+    dtype: str = "student"
     tensor_parallel: int = 1
     max_lora_rank: int | None = None  # LoRA enabled up to this rank (the student's), or no LoRA
     max_model_len: int = MAX_MODEL_LEN
@@ -98,7 +100,7 @@ class EngineActor(WarmActor):
 
     def __init__(self, spec: EngineSpec, idle_seconds: float):
         began = time.time()
-        from .infer import has_cuda
+        from .infer import default_dtype, has_cuda, teacher_dtype
         from .lora import MergedAdapter
         from .models import resolve_model
         from .teach import vllm_engine_args
@@ -112,11 +114,12 @@ class EngineActor(WarmActor):
         merge = spec.max_lora_rank is not None and not has_cuda()
         lora = {} if spec.max_lora_rank is None or merge else {"enable_lora": True, "max_loras": 1,
                                                                 "max_lora_rank": spec.max_lora_rank}
-        self._llm = LLM(model=path, dtype=spec.dtype, seed=0, tensor_parallel_size=spec.tensor_parallel,
+        dtype = {"student": default_dtype, "teacher": teacher_dtype}.get(spec.dtype, lambda: spec.dtype)()
+        self._llm = LLM(model=path, dtype=dtype, seed=0, tensor_parallel_size=spec.tensor_parallel,
                         enforce_eager=not has_cuda(), **vllm_engine_args(_context(path, spec.max_model_len)), **lora)
         self._merged = MergedAdapter(self._llm, path) if merge else None
         self._info = {"name": None, "key": spec.key(), "pid": os.getpid(), "node": os.uname().nodename,
-                      "started_at": began, "created_at": time.time(),
+                      "dtype": dtype, "started_at": began, "created_at": time.time(),
                       "load_seconds": round(time.monotonic() - started, 3), "calls": 0}
         self._loras: dict[str, int] = {}
         self._watch(idle_seconds)

@@ -422,20 +422,20 @@ def engine_spec(spec: AugmentationRunSpec, role: str):
     student's model shares the student's engine, in its dtype (float32 on CPU: slower sampling than bf16 where
     that is native, but one engine's memory and start instead of two)."""
     from .engines import EngineSpec
-    from .infer import default_dtype, lora_rank, teacher_dtype
+    from .infer import lora_rank
 
     if not spec.ray.keep_warm:
         return None
     st = spec.student
     student = None
     if spec.infer.backend in ("auto", "vllm") and st.method == "lora":
-        student = EngineSpec(model=st.model, dtype=default_dtype(), max_lora_rank=lora_rank(st.lora.r))
+        student = EngineSpec(model=st.model, dtype="student", max_lora_rank=lora_rank(st.lora.r))
     if role == "student":
         return student
     t = spec.teacher
     if t.kind != "vllm":
         return None
-    teacher = EngineSpec(model=t.model, dtype=teacher_dtype(), tensor_parallel=t.tensor_parallel)
+    teacher = EngineSpec(model=t.model, dtype="teacher", tensor_parallel=t.tensor_parallel)
     if student is not None and (teacher.model, teacher.tensor_parallel) == (student.model, student.tensor_parallel):
         return student
     return teacher
