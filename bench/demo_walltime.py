@@ -22,11 +22,8 @@ def main(argv: list[str] | None = None) -> int:
     rc = io.main(argv)
     if rc != 0:
         return rc
-    args = sys.argv[1:] if argv is None else argv
-    # The analysis io.main just wrote: under --name, else its default for --cold or not.
-    name = args[args.index("--name") + 1] if "--name" in args else \
-        ("iteration_overhead_cold" if "--cold" in args else "iteration_overhead")
-    res = json.loads((C.RESULTS / f"{name}.json").read_text())
+    # The analysis io.main just wrote.
+    res = json.loads((C.RESULTS / f"{io.results_name(io.parser().parse_args(argv))}.json").read_text())
     a = res["analysis"]
     def num(x):
         return "n/a" if x is None else f"{x:.0f}"

@@ -267,7 +267,7 @@ def plot(res: dict) -> None:
     C.save_plot(fig, "iteration_overhead")
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench.iteration_overhead", description=__doc__.split("\n")[0])
     p.add_argument("--status", default=str(C.ROOT / "runs" / "reviews" / "status.json"))
     p.add_argument("--run", action="store_true", help="run the demo now (output in a temp dir)")
@@ -280,7 +280,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--load-note", help="what the load was while an earlier run (--status) ran, for the report")
     p.add_argument("--name", default=None, help="results name (default iteration_overhead, or iteration_overhead_cold "
                    "with --cold); e.g. iteration_overhead_1p5b for a --status run with the 1.5B teacher")
-    args = p.parse_args(argv)
+    return p
+
+
+def results_name(args: argparse.Namespace) -> str:
+    """The results file (bench/results/<name>.*) these arguments write."""
+    return args.name or ("iteration_overhead_cold" if args.cold else "iteration_overhead")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     status_path = Path(args.status)
     if not args.run and not status_path.is_file():
         print(f"{status_path} does not exist: running the demo (--run)", flush=True)
@@ -313,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
                    load_during=args.load_note or "not recorded (an earlier run: pass --load-note)")
         res["analysis"] = analyse(status, None, status_path.parent)
     res["goals"] = {"fixed_share": GOAL_SHARE}
-    name = args.name or ("iteration_overhead_cold" if args.cold else "iteration_overhead")
+    name = results_name(args)
     C.save(name, res, report(res))
     if name == "iteration_overhead":
         plot(res)
