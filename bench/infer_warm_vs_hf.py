@@ -7,8 +7,9 @@ A run does not: its infer stage asks the run's warm base-model engine (``llm2llm
 to generate with that iteration's LoRA adapter, so the engine starts once per run. This bench measures that,
 against what the HF backend pays in each iteration (a fresh process: imports, base model, adapter, generate):
 
-- vLLM: one process builds an ``EngineActor`` exactly as the run does (LoRA enabled at the student's rank),
-  then generates once per iteration, each time with another adapter; every second from process start counts.
+- vLLM: one process builds an ``EngineActor`` exactly as the run does (for the student's LoRA rank; on CPU it
+  merges each adapter into its weights, ``llm2llm_jobs.lora``), then generates once per iteration, each time
+  with another adapter; every second from process start counts.
 - HF: one fresh process per iteration, ``llm2llm_jobs.infer.generate(backend="hf")`` with that adapter.
 
 The adapters are the student's LoRA (the spec's default rank and target modules) with small random weights,

@@ -1,7 +1,7 @@
 """A student's LoRA adapter merged into a vLLM engine's base-model weights, for failure inference on CPU.
 
 vLLM's LoRA path on CPU (its punica kernels in plain torch) made greedy generation about 3x slower than the
-base model here: 128 GSM8K prompts x 64 tokens took ~50 s with the adapter applied per token, ~16 s without
+base model here: 128 GSM8K prompts x 64 tokens took ~50 s with the adapter applied per token, 12-14 s merged
 (``bench/results/infer_warm_vs_hf.md``). An engine that serves one adapter at a time does not need that path:
 W + (alpha / r) * B @ A, written into the engine's weights once per adapter (vLLM's in-place
 ``reload_weights``, which redoes the CPU weight packing), costs about half a second for SmolLM2-135M and
@@ -17,6 +17,7 @@ import json
 import math
 import os
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 _PREFIX = "base_model.model."
@@ -32,7 +33,7 @@ def adapter_deltas(adapter_dir: str) -> dict[str, Any]:
     from safetensors.torch import load_file
 
     config_path = os.path.join(adapter_dir, "adapter_config.json")
-    cfg = json.loads(open(config_path).read())
+    cfg = json.loads(Path(config_path).read_text())
     for field, plain in _UNSUPPORTED.items():
         if (cfg.get(field) or plain) != plain:
             raise ValueError(f"{config_path}: {field}={cfg[field]!r} cannot be merged into the base weights")
