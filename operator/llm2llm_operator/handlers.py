@@ -229,11 +229,9 @@ class _NewRuns:
         self.hold_s = hold_s
         self.settings: kopf.OperatorSettings | None = None  # Kopf's, from the startup handler: its executor
         self._pending = 0
-        self._idle: asyncio.Event | None = None
+        self._idle = asyncio.Event()  # bound to the loop at its first use
 
     async def submit(self, fn: Callable[[], None]) -> None:
-        if self._idle is None:
-            self._idle = asyncio.Event()
         self._pending += 1
         self._idle.clear()
         try:
