@@ -16,7 +16,8 @@
 # test, from tests/cluster/mlflow/Dockerfile), TAG (dev), BASE_IMAGE (the local base),
 # MIRROR (default: the first Debian URI of /etc/apt/sources.list.d/debian.sources or /etc/apt/sources.list),
 # CA_BUNDLE (default /etc/ssl/certs/ca-certificates.crt; empty: none), DOCKER (docker), DOCKER_BUILDKIT (0: the
-# legacy builder; the Dockerfile also builds with BuildKit's built-in frontend).
+# legacy builder; the Dockerfile also builds with BuildKit's built-in frontend), DOCKER_BUILD_IDLE (1: the build
+# steps get only idle CPU; section 3).
 #
 # TLS-inspecting proxies: pip and uv inside the build trust the host's CA bundle, which this script copies into
 # the build context as .build-ca.crt (git-ignored; public certificates only). Only the Dockerfile's builder
@@ -113,6 +114,24 @@ else
 fi
 
 # --- 3. the images ------------------------------------------------------------------------------------------
+# DOCKER_BUILD_IDLE=1 (scripts/test.sh, while tests run): the build steps run in a cgroup of the lowest CPU
+# weight, so they only get what the machine leaves idle. (`docker build --cpu-shares` would not do: it weighs a
+# step against the other containers in docker's own cgroup, not against the machine's processes.) Needs root and
+# docker's cgroupfs driver; elsewhere the steps run at the normal weight, said once.
+idle_cgroup=llm2llm-build
+idle_parent=
+if [[ "${DOCKER_BUILD_IDLE:-0}" == 1 ]]; then
+  cg=$("$docker" info -f '{{.CgroupDriver}} {{.CgroupVersion}}' 2>/dev/null || true)
+  if [[ $EUID -eq 0 && "$cg" == "cgroupfs 1" ]] && mkdir -p "/sys/fs/cgroup/cpu/$idle_cgroup" 2>/dev/null \
+      && echo 2 >"/sys/fs/cgroup/cpu/$idle_cgroup/cpu.shares"; then
+    idle_parent=/$idle_cgroup
+  elif [[ $EUID -eq 0 && "$cg" == "cgroupfs 2" ]] && mkdir -p "/sys/fs/cgroup/$idle_cgroup" 2>/dev/null \
+      && echo 1 >"/sys/fs/cgroup/$idle_cgroup/cpu.weight" 2>/dev/null; then
+    idle_parent=/$idle_cgroup
+  fi
+  if [[ -n "$idle_parent" ]]; then step "build steps in cgroup $idle_parent, at the lowest CPU weight"
+  else step "build steps at the normal CPU weight (needs root and docker's cgroupfs driver; docker: '$cg')"; fi
+fi
 for image in $IMAGES; do
   case "$image" in
     operator | job-cpu | job) dockerfile=$root/Dockerfile target=(--target "$image") ;;
@@ -123,10 +142,8 @@ for image in $IMAGES; do
   before=$("$docker" image inspect -f '{{.Id}}' "$ref" 2>/dev/null || true)
   t=$(date +%s)
   step "$ref: docker build -f ${dockerfile#"$root"/} ${target[*]} (BASE_IMAGE=$BASE_IMAGE)"
-  # DOCKER_BUILD_CPU_SHARES: the build steps' CPU weight (1024 is the default), lowered by scripts/test.sh so
-  # that tests running meanwhile keep the CPU.
   "$docker" build --network host "${target[@]}" --build-arg "BASE_IMAGE=$BASE_IMAGE" \
-    ${DOCKER_BUILD_CPU_SHARES:+--cpu-shares "$DOCKER_BUILD_CPU_SHARES"} -f "$dockerfile" -t "$ref" "$root"
+    ${idle_parent:+--cgroup-parent "$idle_parent"} -f "$dockerfile" -t "$ref" "$root"
   step "step $ref: $(seconds "$t") s, $(image_mb "$ref") MB"
   # The image this tag named before: gone with its layers unless the new one shares them (an 8 GB job image per
   # rebuild otherwise fills the disk, and a node under disk pressure reclaims its images).
@@ -144,4 +161,8 @@ for image in $IMAGES; do
   esac
   step "$ref: smoke test passed"
 done
+# The cgroup docker made for the steps in each hierarchy (empty now; rmdir refuses one that is not).
+if [[ -n "$idle_parent" ]]; then
+  rmdir /sys/fs/cgroup/*/"$idle_cgroup" /sys/fs/cgroup/"$idle_cgroup" 2>/dev/null || true
+fi
 step "all done in $(seconds "$started") s"

@@ -2,10 +2,10 @@
 # `make test`: every tier, unit -> integration -> e2e, ordered for a machine that has built nothing yet.
 #
 # The e2e tier needs the node's binaries (Go builds of Kubernetes, etcd, CoreDNS, KubeRay: ~19 min of CPU on 2
-# cores when nothing is cached) and the images (~18 min, mostly download, unpack and layer writes); the unit and
-# integration tiers need neither. So those two build in the background, at the lowest priority, while the unit
-# and integration tiers run; the e2e tier waits for them. On a machine that has them cached (a second run),
-# both take seconds and the tiers simply follow each other.
+# cores when nothing is cached) and the images (7.5 min alone); the unit and integration tiers need neither. So
+# those two build in the background while the unit and integration tiers run, on only the CPU the tests leave
+# idle (scripts/run-idle.sh: plain `nice` let them take half of it), and the e2e tier waits for them. On a
+# machine that has them cached (a second run), both take seconds and the tiers simply follow each other.
 #
 # Each tier is its own pytest run (its summary, its slowest tests); the script fails if any tier or build did.
 # Logs of the background builds: .cache/test-logs/. Extra arguments go to every pytest run.
@@ -23,10 +23,10 @@ say() { echo "==> test: $* (at $(( $(date +%s) - started ))s)"; }
 make -s s3-bin argocd-bin >/dev/null || exit 1
 
 say "background: the node's binaries and the images (logs in ${logs#"$root"/})"
-(nice -n 19 make -s cluster-bin >"$logs/cluster-bin.log" 2>&1; echo $? >"$logs/cluster-bin.rc") &
+(scripts/run-idle.sh make -s cluster-bin >"$logs/cluster-bin.log" 2>&1; echo $? >"$logs/cluster-bin.rc") &
 bins=$!
-# Docker runs the build steps in its daemon, not under this script's nice: a low CPU weight for them instead.
-(DOCKER_BUILD_CPU_SHARES=128 nice -n 19 make -s images >"$logs/images.log" 2>&1; echo $? >"$logs/images.rc") &
+# Docker runs the build steps in its daemon's cgroups, out of run-idle's reach: DOCKER_BUILD_IDLE for them.
+(DOCKER_BUILD_IDLE=1 scripts/run-idle.sh make -s images >"$logs/images.log" 2>&1; echo $? >"$logs/images.rc") &
 images=$!
 
 rc=0
