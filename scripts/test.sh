@@ -23,11 +23,16 @@ say() { echo "==> test: $* (at $(( $(date +%s) - started ))s)"; }
 make -s s3-bin argocd-bin >/dev/null || exit 1
 
 say "background: the node's binaries and the images (logs in ${logs#"$root"/})"
-(scripts/run-idle.sh make -s cluster-bin >"$logs/cluster-bin.log" 2>&1; echo $? >"$logs/cluster-bin.rc") &
+scripts/run-idle.sh make -s cluster-bin >"$logs/cluster-bin.log" 2>&1 &
 bins=$!
 # Docker runs the build steps in its daemon's cgroups, out of run-idle's reach: DOCKER_BUILD_IDLE for them.
-(DOCKER_BUILD_IDLE=1 scripts/run-idle.sh make -s images >"$logs/images.log" 2>&1; echo $? >"$logs/images.rc") &
+DOCKER_BUILD_IDLE=1 scripts/run-idle.sh make -s images >"$logs/images.log" 2>&1 &
 images=$!
+# Ended early (a failed build, Ctrl-C, a kill): builds still running stop with this script (run-idle passes the
+# signal on to their sessions, which no signal to this process group reaches).
+trap 'kill -TERM $(jobs -pr) 2>/dev/null' EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
 
 rc=0
 say "unit tier"
@@ -36,10 +41,9 @@ say "integration tier"
 "$py" -m pytest tests/integration "$@" || rc=1
 
 say "waiting for the background builds"
-wait "$bins" "$images"
-for build in cluster-bin images; do
-  if [[ $(cat "$logs/$build.rc" 2>/dev/null) != 0 ]]; then
-    echo "==> test: make $build failed; its log:"; tail -n 80 "$logs/$build.log"; exit 1
+for build in cluster-bin:$bins images:$images; do
+  if ! wait "${build#*:}"; then
+    echo "==> test: make ${build%%:*} failed; its log:"; tail -n 80 "$logs/${build%%:*}.log"; exit 1
   fi
 done
 say "e2e tier"
