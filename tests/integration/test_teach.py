@@ -72,7 +72,12 @@ def test_vllm_teacher(smollm2: str, conversations: list[list[dict]]) -> None:
         first = teacher.complete(conversations, **kw)
         check(first, 2, 48, want)
         assert first[0][0].text != first[0][1].text, "the n samples must not share one seed"
-        assert [[c.text for c in s] for s in teacher.complete(conversations, **kw)] == [[c.text for c in s] for s in first]
+        # The same seed draws the same sample. Checked on one sequence at a time: which requests vLLM's engine core
+        # batches together depends on when they reach it (a loaded machine splits them differently), and another
+        # batch shape moves the logits by rounding, enough to flip a temperature-1 draw (seen once in CI).
+        one = {**kw, "n": 1}
+        again = [teacher.complete(conversations[:1], **one)[0][0].text for _ in range(2)]
+        assert again[0] == again[1]
     finally:
         teacher.close()
 
