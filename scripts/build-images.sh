@@ -122,11 +122,13 @@ idle_cgroup=llm2llm-build
 idle_parent=
 if [[ "${DOCKER_BUILD_IDLE:-0}" == 1 ]]; then
   cg=$("$docker" info -f '{{.CgroupDriver}} {{.CgroupVersion}}' 2>/dev/null || true)
-  if [[ $EUID -eq 0 && "$cg" == "cgroupfs 1" ]] && mkdir -p "/sys/fs/cgroup/cpu/$idle_cgroup" 2>/dev/null \
-      && echo 2 >"/sys/fs/cgroup/cpu/$idle_cgroup/cpu.shares"; then
-    idle_parent=/$idle_cgroup
-  elif [[ $EUID -eq 0 && "$cg" == "cgroupfs 2" ]] && mkdir -p "/sys/fs/cgroup/$idle_cgroup" 2>/dev/null \
-      && echo 1 >"/sys/fs/cgroup/$idle_cgroup/cpu.weight" 2>/dev/null; then
+  case "$cg" in  # the CPU weight knob of the cgroup and its lowest value
+    "cgroupfs 1") knob=/sys/fs/cgroup/cpu/$idle_cgroup/cpu.shares lowest=2 ;;
+    "cgroupfs 2") knob=/sys/fs/cgroup/$idle_cgroup/cpu.weight lowest=1 ;;
+    *) knob= ;;
+  esac
+  if [[ $EUID -eq 0 && -n "$knob" ]] && mkdir -p "$(dirname "$knob")" 2>/dev/null \
+      && echo "$lowest" 2>/dev/null >"$knob"; then
     idle_parent=/$idle_cgroup
   fi
   if [[ -n "$idle_parent" ]]; then step "build steps in cgroup $idle_parent, at the lowest CPU weight"

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # `make test`: every tier, unit -> integration -> e2e, ordered for a machine that has built nothing yet.
 #
-# The e2e tier needs the node's binaries (Go builds of Kubernetes, etcd, CoreDNS, KubeRay: ~19 min of CPU on 2
-# cores when nothing is cached) and the images (7.5 min alone); the unit and integration tiers need neither. So
+# The e2e tier needs the node's binaries (Go builds of Kubernetes, etcd, CoreDNS, KubeRay: 8 min alone on 2 cores
+# when nothing is cached) and the images (7.5 min alone); the unit and integration tiers need neither. So
 # those two build in the background while the unit and integration tiers run, on only the CPU the tests leave
 # idle (scripts/run-idle.sh: plain `nice` let them take half of it), and the e2e tier waits for them. On a
 # machine that has them cached (a second run), both take seconds and the tiers simply follow each other.
