@@ -259,7 +259,7 @@ def percentile(values: list[float], p: float) -> float:
 def summary(values: list[float]) -> str:
     if not values:
         return "n=0"
-    return (f"n={len(values)} p50={percentile(values, 50):.2f}s p99={percentile(values, 99):.2f}s "
+    return (f"n={len(values)} min={min(values):.2f}s p50={percentile(values, 50):.2f}s p99={percentile(values, 99):.2f}s "
             f"max={max(values):.2f}s mean={statistics.fmean(values):.2f}s")
 
 

@@ -152,6 +152,11 @@ def test_storm_of_runs(control_plane, augrun_crd, namespace, tmp_path, capsys): 
         print(f"\nload: {RUNS} runs sent in {storm_sent:.1f}s by {CLIENT_THREADS} threads; all RayJobs after "
               f"{storm_done:.1f}s (operator --interval {INTERVAL:g}, --workers default)")
         print(f"  create -> RayJob (watch, monotonic): {summary(latencies)}")
+        # Queueing shows here: FIFO gives the first-sent runs short waits, round-robin over every queued run
+        # gives all of them about the storm's length.
+        by_send = [first_at[expected[n]] - t0 for n, (t0, _) in sorted(created.items(), key=lambda kv: kv[1][0])]
+        print("  by send order (first, 25%, 50%, 75%, last sent): "
+              + " ".join(f"{by_send[round(q * (len(by_send) - 1))]:.2f}s" for q in (0, .25, .5, .75, 1)))
         print(f"  run behind the storm: {behind_latency:.2f}s; run after it settled: {settled_latency:.2f}s")
         print(f"  liveness: {summary(health.latencies)}, failures {len(health.failures)}")
         print(f"  operator RSS: baseline {baseline_rss / 2**20:.0f} MiB, peak {rss_peak / 2**20:.0f} MiB "
